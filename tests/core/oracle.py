@@ -1,0 +1,81 @@
+"""An independent reader of locals: sys.settrace at each frame's return.
+
+Runs a function with its original (uninstrumented) code and records, for every
+frame of the given code object that returns normally, the values of the
+requested names in `frame.f_locals` at that moment, in the order the frames
+returned. Frames that leave by an exception are not recorded, matching
+get_local, which records only calls that return.
+"""
+import sys
+
+import numpy as np
+
+from visualizer import MISSING
+
+
+def copy_value(value):
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def run_with_oracle(call, code, names):
+    """Call `call()` and return (outcome, captures).
+
+    outcome: ("value", result) or ("raise", exception type, message).
+    captures: one tuple of values per returning frame of `code`; MISSING for
+    names not bound at return.
+    """
+    last_event = {}
+    returned = []
+    previous = sys.gettrace()
+
+    def local_trace(frame, event, arg):
+        if event == "return":
+            # A frame leaving by an exception gets 'exception' then 'return'
+            # with no line event between; a caught exception is followed by
+            # the handler's line events.
+            if last_event.get(id(frame)) != "exception":
+                values = tuple(copy_value(frame.f_locals.get(n, MISSING)) for n in names)
+                returned.append((frame, values))
+        last_event[id(frame)] = event
+        return local_trace
+
+    def global_trace(frame, event, arg):
+        if frame.f_code is code:
+            last_event[id(frame)] = event
+            return local_trace
+        return None
+
+    sys.settrace(global_trace)
+    try:
+        result = call()
+        outcome = ("value", copy_value(result))
+    except Exception as error:  # the outcome to compare, not a failure of the test
+        outcome = ("raise", type(error), str(error))
+    finally:
+        sys.settrace(previous)
+    # A generator frame also reports 'return' at every yield: keep each
+    # frame's last report, in the order of those last reports.
+    last_report = {}
+    for order, (frame, values) in enumerate(returned):
+        last_report[id(frame)] = (order, values)
+    captures = [values for _, values in sorted(last_report.values(), key=lambda x: x[0])]
+    return outcome, captures
+
+
+def same(a, b):
+    if a is MISSING or b is MISSING:
+        return a is b
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and np.array_equal(a, b)
+        )
+    if isinstance(a, BaseException) or isinstance(b, BaseException):
+        return type(a) is type(b) and a.args == b.args
+    return type(a) is type(b) and a == b

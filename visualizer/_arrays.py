@@ -1,0 +1,184 @@
+"""Input coercion and shape checks shared by `analysis` and `plot`.
+
+Every public function there accepts numpy arrays or torch tensors (any device,
+float16/bfloat16/float32/float64, with or without grad). This module turns them
+into float numpy arrays and checks the layouts the library uses:
+
+- attention maps ``(B, H, N, N)`` or ``(H, N, N)``: query rows, key columns;
+- layer stacks: a list of per-layer maps (what the capture cache holds) or one
+  array ``(L, B, H, N, N)``;
+- patch grids ``(h, w)`` after ``num_prefix_tokens`` CLS/register tokens.
+
+torch is never imported here: a tensor can only exist if its caller already
+imported torch, so ``sys.modules`` is enough to recognise one. That keeps
+``import visualizer.analysis`` free of torch for Pythons without it.
+"""
+import math
+import sys
+
+import numpy as np
+
+from ._errors import VisualizerError
+
+ATTENTION_LAYOUT = "(B, H, N, N) or (H, N, N)"
+
+
+def is_torch_tensor(x):
+    """True if ``x`` is a torch tensor (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_integer_data(x):
+    """True if ``x`` (array or tensor) holds integers, e.g. a uint8 image."""
+    if is_torch_tensor(x):
+        return not (x.is_floating_point() or x.is_complex())
+    return np.asarray(x).dtype.kind in "biu"
+
+
+def to_numpy(x, func, name):
+    """Return ``x`` as a float numpy array on the CPU, detached from autograd.
+
+    float16 and bfloat16 become float32 (numpy has no bfloat16 and its float16
+    arithmetic is slow and imprecise); float32 and float64 are kept.
+    """
+    if is_torch_tensor(x):
+        # .cpu() before the dtype change moves half the bytes off a GPU.
+        tensor = x.detach().cpu()
+        if tensor.is_complex():
+            raise VisualizerError(f"{func}: {name} must be real; got a tensor of dtype {tensor.dtype}")
+        if tensor.dtype not in (sys.modules["torch"].float32, sys.modules["torch"].float64):
+            tensor = tensor.float()
+        return tensor.numpy()
+    try:
+        array = np.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise VisualizerError(
+            f"{func}: {name} must be a numpy array or torch tensor of numbers; got {type(x).__name__} ({error})"
+        ) from None
+    if array.dtype.kind not in "biuf":
+        raise VisualizerError(
+            f"{func}: {name} must be a numpy array or torch tensor of real numbers; "
+            f"got {type(x).__name__} of dtype {array.dtype}"
+        )
+    if array.dtype.kind != "f" or array.dtype == np.float16:
+        array = array.astype(np.float32)
+    return array
+
+
+def attention_array(x, func, name="attn", square=True):
+    """Coerce one attention map; return ``(array (B, H, Q, N), batched)``.
+
+    ``batched`` tells whether the caller gave a batch axis, so results can be
+    returned with the same layout. ``square=False`` allows ``Q != N`` (a map
+    captured for a few query rows only, or cross-attention).
+    """
+    array = to_numpy(x, func, name)
+    if array.ndim not in (3, 4):
+        raise VisualizerError(f"{func}: {name} must have shape {ATTENTION_LAYOUT}; got shape {tuple(array.shape)}")
+    if square and array.shape[-1] != array.shape[-2]:
+        raise VisualizerError(
+            f"{func}: {name} must have shape {ATTENTION_LAYOUT} with as many query rows as key columns; "
+            f"got shape {tuple(array.shape)}"
+        )
+    batched = array.ndim == 4
+    return (array if batched else array[None]), batched
+
+
+def layer_list(maps, func, name="maps"):
+    """Split a layer stack into per-layer maps; return ``(layers, stacked)``.
+
+    Accepts a list/tuple of per-layer maps, an array ``(L, B, H, N, N)``, or a
+    single map ``(B, H, N, N)``/``(H, N, N)`` (then ``stacked`` is False and the
+    caller drops the layer axis from its result). A 4-D array is one layer with
+    a batch axis, never ``(L, H, N, N)``: that is the map layout everywhere else.
+    """
+    if isinstance(maps, (list, tuple)):
+        if not maps:
+            raise VisualizerError(f"{func}: {name} must hold at least one layer's map; got an empty {type(maps).__name__}")
+        return list(maps), True
+    if not (is_torch_tensor(maps) or isinstance(maps, np.ndarray)):
+        maps = to_numpy(maps, func, name)
+    if maps.ndim == 5:
+        return list(maps), True
+    if maps.ndim in (3, 4):
+        return [maps], False
+    raise VisualizerError(
+        f"{func}: {name} must be a list of per-layer maps {ATTENTION_LAYOUT}, an array (L, B, H, N, N), "
+        f"or one map; got shape {tuple(maps.shape)}"
+    )
+
+
+def layer_arrays(layers, func, name="maps"):
+    """Yield ``(array (B, H, N, N), batched)`` per layer, converting lazily.
+
+    One layer at a time keeps memory at one map's size: at DINOv2 resolutions a
+    float64 copy of all layers would take gigabytes.
+    """
+    first_shape = None
+    for index, layer in enumerate(layers):
+        array, batched = attention_array(layer, func, f"{name}[{index}]")
+        if first_shape is None:
+            first_shape = (tuple(np.shape(layer)), array.shape)
+        elif array.shape != first_shape[1]:
+            raise VisualizerError(
+                f"{func}: every layer of {name} must have the same shape; "
+                f"got {first_shape[0]} for layer 0 and {tuple(np.shape(layer))} for layer {index}"
+            )
+        yield array, batched
+
+
+def grid_shape(num_tokens, num_prefix_tokens, grid_size, func):
+    """Return the patch grid ``(h, w)`` for ``num_tokens`` tokens.
+
+    ``grid_size`` may be ``(h, w)``, an int for a square grid, or None to infer
+    a square grid from the number of patch tokens.
+    """
+    if not isinstance(num_prefix_tokens, (int, np.integer)) or not 0 <= num_prefix_tokens < num_tokens:
+        raise VisualizerError(
+            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for maps with {num_tokens} tokens; "
+            f"got {num_prefix_tokens!r}"
+        )
+    num_patches = num_tokens - num_prefix_tokens
+    if grid_size is None:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise VisualizerError(
+                f"{func}: cannot infer a square grid_size from {num_patches} patch tokens "
+                f"({num_tokens} tokens - {num_prefix_tokens} prefix tokens); pass grid_size=(h, w)"
+            )
+        return side, side
+    if isinstance(grid_size, (int, np.integer)):
+        grid_size = (grid_size, grid_size)
+    try:
+        height, width = (int(side) for side in grid_size)
+    except (TypeError, ValueError):
+        raise VisualizerError(f"{func}: grid_size must be (h, w), an int or None; got {grid_size!r}") from None
+    if height < 1 or width < 1:
+        raise VisualizerError(f"{func}: grid_size must be positive; got {grid_size!r}")
+    if height * width != num_patches:
+        raise VisualizerError(
+            f"{func}: grid_size {(height, width)} has {height * width} patches but the map has "
+            f"{num_tokens} tokens - {num_prefix_tokens} prefix tokens = {num_patches} patch tokens"
+        )
+    return height, width
+
+
+def check_index(index, size, func, name):
+    """Return ``index`` as a non-negative int, accepting Python's negative indices."""
+    if not isinstance(index, (int, np.integer)) or not -size <= index < size:
+        raise VisualizerError(f"{func}: {name} must be an int in [{-size}, {size}); got {index!r}")
+    return int(index) % size
+
+
+def pair(value, func, name):
+    """Return ``(a, b)`` from a positive number or a pair of positive numbers."""
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        value = (value, value)
+    try:
+        first, second = (float(item) for item in value)
+    except (TypeError, ValueError):
+        raise VisualizerError(f"{func}: {name} must be a positive number or a pair of them; got {value!r}") from None
+    if not (first > 0 and second > 0):
+        raise VisualizerError(f"{func}: {name} must be positive; got {value!r}")
+    return first, second

@@ -1,0 +1,288 @@
+"""What is kept per call: snapshots, storage policy, bounds, save and load.
+
+The cache is a plain dict: key (the function's qualified name) -> list with one
+entry per call, in call order. An entry is the captured value when one name is
+captured, or a dict name -> value when several are.
+
+torch is imported lazily (only when a torch tensor is seen), so this module
+works on Pythons where torch is not installed.
+"""
+import json
+import sys
+import threading
+import warnings
+
+import numpy as np
+
+from ._errors import VisualizerError
+
+
+class _Missing:
+    """Marks a name that was not bound when the function returned."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "MISSING"
+
+    def __bool__(self):
+        return False
+
+
+MISSING = _Missing()
+
+_TORCH_ONLY_DTYPES = ("bfloat16",)
+
+
+class StoragePolicy:
+    """How captured values are stored.
+
+    Args:
+        keep_on_device: False (default, as the original Visualizer) stores a
+            numpy copy on the CPU; True keeps a torch tensor on its device.
+        dtype: convert to this dtype when storing (a name such as "float16",
+            a torch dtype or a numpy dtype). None keeps the value's dtype,
+            except that bfloat16 becomes float32 in numpy, which has no
+            bfloat16 (exact: every bfloat16 is a float32).
+        max_entries: keep at most this many entries per key, dropping the
+            oldest (counted in `dropped`). None keeps all.
+        detach: False keeps tensors attached to their autograd graph, not
+            copied (for gradient-weighted rollout). Needs keep_on_device=True.
+    """
+
+    __slots__ = ("keep_on_device", "dtype", "max_entries", "detach")
+
+    def __init__(self, keep_on_device=False, dtype=None, max_entries=None, detach=True):
+        if not isinstance(keep_on_device, bool):
+            raise VisualizerError(
+                f"get_local: keep_on_device must be True or False; got {keep_on_device!r}"
+            )
+        if not isinstance(detach, bool):
+            raise VisualizerError(f"get_local: detach must be True or False; got {detach!r}")
+        if max_entries is not None and (
+            isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
+        ):
+            raise VisualizerError(
+                f"get_local: max_entries must be a positive int or None; got {max_entries!r}"
+            )
+        if not detach and not keep_on_device:
+            raise VisualizerError(
+                "get_local: detach=False keeps the autograd graph, which numpy arrays cannot "
+                "hold; expected keep_on_device=True with it, got keep_on_device=False"
+            )
+        self.keep_on_device = keep_on_device
+        self.dtype = _dtype_name(dtype)
+        if self.dtype in _TORCH_ONLY_DTYPES and not keep_on_device:
+            raise VisualizerError(
+                f"get_local: dtype={self.dtype!r} cannot be stored in numpy; expected "
+                "keep_on_device=True with it, or a numpy dtype such as 'float32'"
+            )
+        self.max_entries = max_entries
+        self.detach = detach
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"StoragePolicy({fields})"
+
+
+def _dtype_name(dtype):
+    """Normalize a dtype given as str, numpy or torch dtype to its name."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.replace("torch.", "")
+    elif type(dtype).__module__ == "torch":
+        name = str(dtype).replace("torch.", "")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+    known = name in _TORCH_ONLY_DTYPES
+    if not known and name is not None:
+        try:
+            np.dtype(name)
+            known = True
+        except TypeError:
+            known = False
+    if not known:
+        raise VisualizerError(
+            f"get_local: dtype must name a floating or integer dtype such as 'float16', "
+            f"'bfloat16' or torch.float32; got {dtype!r}"
+        )
+    return name
+
+
+def _torch_if_tensor(value):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return torch
+    return None
+
+
+def snapshot(value, policy):
+    """A copy of `value` that later in-place changes to it cannot alter."""
+    torch = _torch_if_tensor(value)
+    if torch is not None:
+        return _snapshot_tensor(torch, value, policy)
+    if isinstance(value, np.ndarray):
+        return np.array(value, dtype=policy.dtype, copy=True)
+    if type(value) in (list, tuple):
+        return type(value)(snapshot(item, policy) for item in value)
+    if type(value) is dict:
+        return {key: snapshot(item, policy) for key, item in value.items()}
+    return value
+
+
+def _snapshot_tensor(torch, tensor, policy):
+    dtype = getattr(torch, policy.dtype) if policy.dtype else None
+    if policy.detach:
+        tensor = tensor.detach()
+    if policy.keep_on_device:
+        if dtype is not None and dtype != tensor.dtype:
+            return tensor.to(dtype)
+        # detach=False is for autograd: the very tensor of the graph is kept.
+        return tensor.clone() if policy.detach else tensor
+    if dtype is None and tensor.dtype == torch.bfloat16:
+        dtype = torch.float32
+    return tensor.to(device="cpu", dtype=dtype, copy=True).numpy()
+
+
+class CaptureStore:
+    """The cache dict plus what guards it: the policy, a lock, drop counts."""
+
+    def __init__(self):
+        self.cache = {}
+        self.dropped = {}
+        self.policy = StoragePolicy()
+        self._lock = threading.Lock()
+        self._warned_bound = set()
+
+    def add(self, key, names, values):
+        """Append one call's values (already snapshots) under `key`."""
+        entry = values[0] if len(names) == 1 else dict(zip(names, values))
+        limit = self.policy.max_entries
+        with self._lock:
+            entries = self.cache.get(key)
+            if entries is None:
+                entries = self.cache[key] = []
+            entries.append(entry)
+            excess = 0 if limit is None else len(entries) - limit
+            if excess > 0:
+                del entries[:excess]
+                self.dropped[key] = self.dropped.get(key, 0) + excess
+        if excess > 0 and key not in self._warned_bound:
+            self._warned_bound.add(key)
+            warnings.warn(
+                f"get_local: the cache for {key!r} holds at most {limit} entries "
+                f"(max_entries); older entries are dropped, counted in get_local.dropped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def clear(self):
+        """Empty every list, keeping the keys (as the original Visualizer did).
+
+        New lists are put in place, so lists a user took from the cache keep
+        their contents.
+        """
+        with self._lock:
+            for key in self.cache:
+                self.cache[key] = []
+            self.dropped.clear()
+
+
+_FORMAT = "visualizer-cache"
+_MANIFEST = "__manifest__"
+
+
+def save_cache(cache, path):
+    """Write a cache dict to an .npz file, without pickle.
+
+    Arrays and tensors become arrays (bfloat16 as float32, which holds it
+    exactly); MISSING, None, numbers, strings and lists or tuples of them are
+    kept in a JSON manifest stored in the same file.
+
+    Args:
+        cache: `get_local.cache` or a dict of the same form.
+        path: file to write (written as given; no suffix is added).
+    """
+    arrays = {}
+
+    def encode(value, where):
+        if value is MISSING:
+            return {"missing": True}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"scalar": value}
+        torch = _torch_if_tensor(value)
+        if torch is not None:
+            value = _snapshot_tensor(torch, value, StoragePolicy())
+        if isinstance(value, np.ndarray):
+            if value.dtype == object:
+                raise VisualizerError(
+                    f"save_cache: {where} is an object array, which needs pickle; "
+                    "expected a numeric array"
+                )
+            array_key = f"a{len(arrays)}"
+            arrays[array_key] = value
+            return {"array": array_key}
+        if type(value) in (list, tuple):
+            items = [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
+            return {type(value).__name__: items}
+        raise VisualizerError(
+            f"save_cache: {where} is a {type(value).__qualname__}; expected an array, a "
+            "tensor, a number, a string, None or a list/tuple of them"
+        )
+
+    manifest = {"format": _FORMAT, "version": 1, "keys": []}
+    for key, entries in cache.items():
+        encoded = []
+        for index, entry in enumerate(entries):
+            where = f"cache[{key!r}][{index}]"
+            if isinstance(entry, dict):
+                encoded.append(
+                    {"names": {n: encode(v, f"{where}[{n!r}]") for n, v in entry.items()}}
+                )
+            else:
+                encoded.append({"value": encode(entry, where)})
+        manifest["keys"].append({"key": key, "entries": encoded})
+    arrays[_MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def load_cache(path):
+    """Read a file written by `save_cache` back into a cache dict of numpy arrays."""
+    with np.load(path, allow_pickle=False) as archive:
+        if _MANIFEST not in archive.files:
+            raise VisualizerError(
+                f"load_cache: {path!r} has no {_MANIFEST!r}; expected a file written by "
+                f"save_cache, got an .npz with {sorted(archive.files)[:5]}"
+            )
+        manifest = json.loads(archive[_MANIFEST].tobytes().decode("utf-8"))
+        if manifest.get("format") != _FORMAT:
+            raise VisualizerError(
+                f"load_cache: {path!r} is not a visualizer cache; got format "
+                f"{manifest.get('format')!r}"
+            )
+
+        def decode(encoded):
+            if "missing" in encoded:
+                return MISSING
+            if "scalar" in encoded:
+                return encoded["scalar"]
+            if "array" in encoded:
+                return archive[encoded["array"]]
+            if "list" in encoded:
+                return [decode(item) for item in encoded["list"]]
+            return tuple(decode(item) for item in encoded["tuple"])
+
+        cache = {}
+        for record in manifest["keys"]:
+            cache[record["key"]] = [
+                {n: decode(v) for n, v in entry["names"].items()}
+                if "names" in entry
+                else decode(entry["value"])
+                for entry in record["entries"]
+            ]
+    return cache

@@ -1,0 +1,355 @@
+"""get_local: capture named local variables of decorated functions.
+
+    @get_local('attn')
+    def forward(self, x):
+        ...
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        ...
+
+    get_local.activate()
+    model(img)
+    get_local.cache['Attention.forward']     # one array per call
+
+Decorating never wraps: the decorator returns the very object it was given and
+remembers the function. Activation swaps the function's `__code__` for an
+instrumented copy (see `_rewrite`); deactivation swaps the original back. So
+capture can be switched at any time, every existing reference to the function
+sees the switch, and a deactivated function runs its own code at no cost.
+"""
+import contextlib
+import sys
+import threading
+import types
+import warnings
+import weakref
+
+from ._errors import VisualizerError
+from ._rewrite import READ_FROM_FRAME, instrument, local_names
+from .cache import MISSING, CaptureStore, StoragePolicy, snapshot
+
+_MAX_WRAPPED_DEPTH = 100
+
+
+class _Registration:
+    """One decorated function: where its code lives and what to capture."""
+
+    __slots__ = ("target", "key", "names", "select", "original_code")
+
+    def __init__(self, target, key, names, select):
+        self.target = target
+        self.key = key
+        self.names = names
+        self.select = select
+        self.original_code = target.__code__
+
+
+class GetLocal:
+    """The `get_local` decorator and its switch, cache and settings.
+
+    `get_local(*names, select=None)` returns a decorator. `select` maps a
+    captured value to the part worth keeping before any copy is made (e.g.
+    `lambda attn: attn[:, :, 0]` keeps the CLS row only): a callable applied
+    to every name, or a dict name -> callable.
+    """
+
+    def __init__(self):
+        self._store = CaptureStore()
+        self._active = False
+        self._lock = threading.RLock()
+        # target function -> _Registration. Weak, so functions created on
+        # every call (nested functions) do not pile up.
+        self._registrations = weakref.WeakKeyDictionary()
+        # key -> module of the function that owns it, to keep two functions
+        # with one __qualname__ in different modules apart.
+        self._key_modules = {}
+        # (original code, key, names, select) -> instrumented code: nested
+        # functions are re-created, and re-decorated, on every call.
+        self._instrumented = {}
+        self._warned_missing = set()
+
+    # -- decorating -------------------------------------------------------
+
+    def __call__(self, *names, select=None):
+        names = _validate_names(names)
+        select = _validate_select(select, names)
+
+        def decorator(obj):
+            target = _find_target(obj, names)
+            qualname = getattr(obj, "__qualname__", None) or target.__qualname__
+            self._register(target, qualname, names, select)
+            return obj
+
+        return decorator
+
+    def _register(self, target, qualname, names, select):
+        with self._lock:
+            previous = self._registrations.get(target)
+            if previous is not None:
+                # Decorated again (a second get_local on the same function):
+                # capture the union of the names.
+                names = previous.names + tuple(n for n in names if n not in previous.names)
+                select = {**previous.select, **select}
+                key = previous.key
+                target.__code__ = previous.original_code
+            else:
+                key = self._unique_key(qualname, target.__module__)
+            registration = _Registration(target, key, names, select)
+            self._registrations[target] = registration
+            if self._active:
+                self._install(registration)
+
+    def _unique_key(self, qualname, module):
+        owner = self._key_modules.setdefault(qualname, module)
+        if owner == module:
+            return qualname
+        key = f"{module}.{qualname}"
+        warnings.warn(
+            f"get_local: {qualname!r} in module {module!r} has the same qualified name as a "
+            f"decorated function in module {owner!r}; its captures go under {key!r}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return key
+
+    # -- switching --------------------------------------------------------
+
+    def activate(self, keep_on_device=False, dtype=None, max_entries=None, detach=True):
+        """Turn capture on for every decorated function, now and later ones.
+
+        The arguments set how values are stored; see `StoragePolicy`.
+        """
+        policy = StoragePolicy(keep_on_device, dtype, max_entries, detach)
+        with self._lock:
+            self._store.policy = policy
+            self._active = True
+            for registration in list(self._registrations.values()):
+                self._install(registration)
+
+    def deactivate(self):
+        """Turn capture off: every decorated function gets its original code back."""
+        with self._lock:
+            self._active = False
+            for registration in list(self._registrations.values()):
+                registration.target.__code__ = registration.original_code
+
+    @property
+    def is_activate(self):
+        """Whether capture is on (the original Visualizer's name)."""
+        return self._active
+
+    @contextlib.contextmanager
+    def capture(self, keep_on_device=False, dtype=None, max_entries=None, detach=True):
+        """Capture inside a `with` block into a fresh cache, then restore.
+
+        Yields a new dict that receives this block's captures; `get_local.cache`
+        and the previous on/off state and settings are restored on exit, also
+        when the block raises.
+
+            with get_local.capture() as cache:
+                model(img)
+            cache['Attention.forward']
+        """
+        with self._lock:
+            was_active = self._active
+            saved = (self._store.cache, self._store.dropped, self._store.policy)
+            fresh = {}
+            self._store.cache, self._store.dropped = fresh, {}
+            try:
+                self.activate(keep_on_device, dtype, max_entries, detach)
+            except BaseException:
+                self._store.cache, self._store.dropped, self._store.policy = saved
+                raise
+        try:
+            yield fresh
+        finally:
+            with self._lock:
+                if not was_active:
+                    self.deactivate()
+                self._store.cache, self._store.dropped, self._store.policy = saved
+
+    # -- the cache --------------------------------------------------------
+
+    @property
+    def cache(self):
+        """Function key -> list with one entry per call, in call order."""
+        return self._store.cache
+
+    @cache.setter
+    def cache(self, value):
+        if not isinstance(value, dict):
+            raise VisualizerError(
+                f"get_local.cache must be a dict; got {type(value).__qualname__}"
+            )
+        self._store.cache = value
+
+    @property
+    def dropped(self):
+        """Function key -> number of entries dropped by `max_entries`."""
+        return self._store.dropped
+
+    @property
+    def policy(self):
+        """The StoragePolicy in force."""
+        return self._store.policy
+
+    def clear(self):
+        """Empty the cache (keys stay, each with a new empty list)."""
+        self._store.clear()
+
+    # -- instrumentation --------------------------------------------------
+
+    def _install(self, registration):
+        self._store.cache.setdefault(registration.key, [])
+        cache_key = (
+            registration.original_code,
+            registration.key,
+            registration.names,
+            tuple(registration.select.items()),
+        )
+        code = self._instrumented.get(cache_key)
+        if code is None:
+            recorder = self._make_recorder(registration)
+            try:
+                code = instrument(registration.original_code, registration.names, recorder)
+            except Exception as error:
+                raise VisualizerError(
+                    f"get_local: could not instrument {registration.key} to capture "
+                    f"{list(registration.names)}: {type(error).__name__}: {error}"
+                ) from error
+            self._instrumented[cache_key] = code
+        registration.target.__code__ = code
+
+    def _make_recorder(self, registration):
+        store = self._store
+        key = registration.key
+        names = registration.names
+        select = registration.select
+        warn_missing = self._warn_missing
+
+        # A plain function of fixed shape: its own cost is most of the cost
+        # of capture (see benchmarks/).
+        def record(*values):
+            resolved = []
+            frame_locals = None
+            for name, value in zip(names, values):
+                if value is READ_FROM_FRAME:
+                    if frame_locals is None:
+                        frame_locals = sys._getframe(1).f_locals
+                    value = frame_locals.get(name, MISSING)
+                if value is MISSING:
+                    warn_missing(key, name)
+                else:
+                    chooser = select.get(name)
+                    if chooser is not None:
+                        value = _apply_select(chooser, value, key, name)
+                    value = snapshot(value, store.policy)
+                resolved.append(value)
+            store.add(key, names, resolved)
+
+        return record
+
+    def _warn_missing(self, key, name):
+        if (key, name) in self._warned_missing:
+            return
+        self._warned_missing.add((key, name))
+        warnings.warn(
+            f"get_local: {name!r} was not bound when {key} returned; its cache entry is "
+            "visualizer.MISSING (warned once per function and name)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _apply_select(chooser, value, key, name):
+    try:
+        return chooser(value)
+    except Exception as error:
+        shape = getattr(value, "shape", None)
+        got = f"a value of shape {tuple(shape)}" if shape is not None else type(value).__name__
+        raise VisualizerError(
+            f"get_local: select for {name!r} in {key} raised {type(error).__name__}: {error} "
+            f"(on {got})"
+        ) from error
+
+
+def _validate_names(names):
+    if not names:
+        raise VisualizerError(
+            "get_local: expected at least one variable name, e.g. get_local('attn'); got none"
+        )
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise VisualizerError(
+                f"get_local: variable names must be identifiers given as strings; "
+                f"got {name!r} ({type(name).__name__})"
+            )
+    return tuple(dict.fromkeys(names))
+
+
+def _validate_select(select, names):
+    if select is None:
+        return {}
+    if callable(select):
+        return {name: select for name in names}
+    if isinstance(select, dict):
+        unknown = [name for name in select if name not in names]
+        if unknown:
+            raise VisualizerError(
+                f"get_local: select names {unknown} that are not captured; "
+                f"expected some of {list(names)}"
+            )
+        for name, chooser in select.items():
+            if not callable(chooser):
+                raise VisualizerError(
+                    f"get_local: select[{name!r}] must be callable; got {chooser!r}"
+                )
+        return dict(select)
+    raise VisualizerError(
+        f"get_local: select must be a callable or a dict of name -> callable; got {select!r}"
+    )
+
+
+def _find_target(obj, names):
+    """The Python function whose locals hold `names`, following `__wrapped__`."""
+    candidate = obj
+    examined = []
+    for _ in range(_MAX_WRAPPED_DEPTH):
+        if isinstance(candidate, (staticmethod, classmethod, types.MethodType)):
+            candidate = candidate.__func__
+        if isinstance(candidate, types.FunctionType):
+            available = local_names(candidate.__code__)
+            if all(name in available for name in names):
+                return candidate
+            examined.append(candidate)
+        candidate = getattr(candidate, "__wrapped__", None)
+        if candidate is None:
+            break
+    if not examined:
+        raise VisualizerError(
+            f"get_local{names!r} can only instrument a Python function (def or lambda), "
+            f"a method, staticmethod or classmethod; got {_describe(obj)}"
+        )
+    innermost = examined[-1]
+    available = local_names(innermost.__code__)
+    missing = [name for name in names if name not in available]
+    raise VisualizerError(
+        f"get_local: {', '.join(map(repr, missing))} is not a local variable of "
+        f"{innermost.__qualname__}; expected one of its locals: {sorted(available)}"
+    )
+
+
+def _describe(obj):
+    if isinstance(obj, type):
+        return (
+            f"the class {obj.__qualname__}; decorate the method that computes the "
+            f"variable, e.g. {obj.__qualname__}.forward"
+        )
+    if hasattr(obj, "forward") and hasattr(obj, "parameters"):
+        return (
+            f"a {type(obj).__qualname__} module instance; decorate its method, e.g. "
+            f"get_local(...)(type(module).forward)"
+        )
+    return f"{type(obj).__qualname__} {obj!r}"
+
+
+get_local = GetLocal()
