@@ -120,8 +120,14 @@ def _torch_if_tensor(value):
     return None
 
 
+# Values that cannot change after the call: stored as they are.
+IMMUTABLE_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
 def snapshot(value, policy):
     """A copy of `value` that later in-place changes to it cannot alter."""
+    if type(value) in IMMUTABLE_TYPES:
+        return value
     torch = _torch_if_tensor(value)
     if torch is not None:
         return _snapshot_tensor(torch, value, policy)
@@ -145,7 +151,10 @@ def _snapshot_tensor(torch, tensor, policy):
         return tensor.clone() if policy.detach else tensor
     if dtype is None and tensor.dtype == torch.bfloat16:
         dtype = torch.float32
-    return tensor.to(device="cpu", dtype=dtype, copy=True).numpy()
+    # Positional arguments: Tensor.to parses keywords measurably slower.
+    if dtype is None:
+        return tensor.to("cpu", copy=True).numpy()
+    return tensor.to("cpu", dtype, copy=True).numpy()
 
 
 class CaptureStore:
@@ -158,26 +167,41 @@ class CaptureStore:
         self._lock = threading.Lock()
         self._warned_bound = set()
 
-    def add(self, key, names, values):
-        """Append one call's values (already snapshots) under `key`."""
-        entry = values[0] if len(names) == 1 else dict(zip(names, values))
+    def append(self, key, entry):
+        """Append one call's entry (already a snapshot) under `key`.
+
+        The common path takes no lock: dict.setdefault and list.append are
+        atomic under the GIL. Only trimming to max_entries, a read-modify-write,
+        is locked.
+        """
+        entries = self.cache.get(key)
+        if entries is None:
+            entries = self.cache.setdefault(key, [])
+        entries.append(entry)
+        if self.policy.max_entries is not None:
+            self.trim(key, entries, stacklevel=4)
+
+    def trim(self, key, entries, stacklevel=3):
+        """Drop the oldest entries of `key` beyond max_entries, counting them.
+
+        `stacklevel` makes the one-time warning point at the captured function.
+        """
         limit = self.policy.max_entries
+        if len(entries) <= limit:
+            return
         with self._lock:
-            entries = self.cache.get(key)
-            if entries is None:
-                entries = self.cache[key] = []
-            entries.append(entry)
-            excess = 0 if limit is None else len(entries) - limit
-            if excess > 0:
-                del entries[:excess]
-                self.dropped[key] = self.dropped.get(key, 0) + excess
-        if excess > 0 and key not in self._warned_bound:
+            excess = len(entries) - limit
+            if excess <= 0:
+                return
+            del entries[:excess]
+            self.dropped[key] = self.dropped.get(key, 0) + excess
+        if key not in self._warned_bound:
             self._warned_bound.add(key)
             warnings.warn(
                 f"get_local: the cache for {key!r} holds at most {limit} entries "
                 f"(max_entries); older entries are dropped, counted in get_local.dropped",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def clear(self):

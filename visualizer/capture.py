@@ -25,7 +25,7 @@ import weakref
 
 from ._errors import VisualizerError
 from ._rewrite import READ_FROM_FRAME, instrument, local_names
-from .cache import MISSING, CaptureStore, StoragePolicy, snapshot
+from .cache import IMMUTABLE_TYPES, MISSING, CaptureStore, StoragePolicy, snapshot
 
 _MAX_WRAPPED_DEPTH = 100
 
@@ -65,7 +65,7 @@ class GetLocal:
         # (original code, key, names, select) -> instrumented code: nested
         # functions are re-created, and re-decorated, on every call.
         self._instrumented = {}
-        self._warned_missing = set()
+        self._warned = set()
 
     # -- decorating -------------------------------------------------------
 
@@ -131,6 +131,7 @@ class GetLocal:
             self._active = False
             for registration in list(self._registrations.values()):
                 registration.target.__code__ = registration.original_code
+                registration.target.__dict__.pop("_torchdynamo_disable", None)
 
     @property
     def is_activate(self):
@@ -218,6 +219,7 @@ class GetLocal:
                 ) from error
             self._instrumented[cache_key] = code
         registration.target.__code__ = code
+        _run_eagerly_under_compile(registration.target, code)
 
     def _make_recorder(self, registration):
         store = self._store
@@ -225,39 +227,100 @@ class GetLocal:
         names = registration.names
         select = registration.select
         warn_missing = self._warn_missing
+        warn_tracing = self._warn_tracing
 
-        # A plain function of fixed shape: its own cost is most of the cost
-        # of capture (see benchmarks/).
-        def record(*values):
-            resolved = []
+        def keep(name, value):
+            """What the cache holds for one captured value."""
+            if value is MISSING:
+                warn_missing(key, name)
+                return value
+            chooser = select.get(name)
+            if chooser is not None:
+                value = _apply_select(chooser, value, key, name)
+            if type(value) not in IMMUTABLE_TYPES:
+                torch = sys.modules.get("torch")
+                if torch is not None and torch._C._get_tracing_state() is not None:
+                    warn_tracing(key)
+                value = snapshot(value, store.policy)
+            return value
+
+        # The recorder's own cost is most of the cost of capture (see
+        # benchmarks/), so the common case, one name, is written out in full:
+        # an immutable value with nothing to select goes straight to its list.
+        if len(names) == 1:
+            (only_name,) = names
+            needs_keep = bool(select)
+
+            def record(value):
+                if value is READ_FROM_FRAME:
+                    value = sys._getframe(1).f_locals.get(only_name, MISSING)
+                if needs_keep or type(value) not in IMMUTABLE_TYPES:
+                    value = keep(only_name, value)
+                # Inline CaptureStore.append: dict.setdefault and list.append
+                # are atomic under the GIL; trimming takes the store's lock.
+                entries = store.cache.get(key)
+                if entries is None:
+                    entries = store.cache.setdefault(key, [])
+                entries.append(value)
+                if store.policy.max_entries is not None:
+                    store.trim(key, entries)
+
+            return record
+
+        def record_several(*values):
             frame_locals = None
+            entry = {}
             for name, value in zip(names, values):
                 if value is READ_FROM_FRAME:
                     if frame_locals is None:
                         frame_locals = sys._getframe(1).f_locals
                     value = frame_locals.get(name, MISSING)
-                if value is MISSING:
-                    warn_missing(key, name)
-                else:
-                    chooser = select.get(name)
-                    if chooser is not None:
-                        value = _apply_select(chooser, value, key, name)
-                    value = snapshot(value, store.policy)
-                resolved.append(value)
-            store.add(key, names, resolved)
+                entry[name] = keep(name, value)
+            store.append(key, entry)
 
-        return record
+        return record_several
+
+    def _warn_tracing(self, key):
+        if ("trace", key) in self._warned:
+            return
+        self._warned.add(("trace", key))
+        warnings.warn(
+            f"get_local: {key} was captured while torch.jit.trace was tracing it; the traced "
+            "module runs no Python code and will not capture when it is called",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _warn_missing(self, key, name):
-        if (key, name) in self._warned_missing:
+        if ("missing", key, name) in self._warned:
             return
-        self._warned_missing.add((key, name))
+        self._warned.add(("missing", key, name))
         warnings.warn(
             f"get_local: {name!r} was not bound when {key} returned; its cache entry is "
             "visualizer.MISSING (warned once per function and name)",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _run_eagerly_under_compile(function, code):
+    """Make torch.compile run an instrumented function eagerly, between graphs.
+
+    Dynamo cannot trace a call to the recorder (a constant function object)
+    and would fail. Marked like this, it graph-breaks around the function
+    (when inlining it) or skips its frame (when called directly), so capture
+    sees real tensors and records exactly what eager mode records, while the
+    rest of the model still compiles. Done only when torch is already loaded:
+    the core must not import torch.
+    """
+    if "torch" not in sys.modules:
+        return
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(code)
+    # The attribute Dynamo's inliner checks for torch.compiler.disable'd
+    # functions; removed again by deactivate().
+    function._torchdynamo_disable = True
 
 
 def _apply_select(chooser, value, key, name):

@@ -6,6 +6,7 @@ requested names in `frame.f_locals` at that moment, in the order the frames
 returned. Frames that leave by an exception are not recorded, matching
 get_local, which records only calls that return.
 """
+import dis
 import sys
 
 import numpy as np
@@ -28,26 +29,19 @@ def run_with_oracle(call, code, names):
     captures: one tuple of values per returning frame of `code`; MISSING for
     names not bound at return.
     """
-    last_event = {}
-    returned = []
+    # The trace's 'return' event also fires when a frame yields or unwinds
+    # with an exception; the instruction it stopped at tells them apart.
+    opnames = {instruction.offset: instruction.opname for instruction in dis.get_instructions(code)}
+    captures = []
     previous = sys.gettrace()
 
     def local_trace(frame, event, arg):
-        if event == "return":
-            # A frame leaving by an exception gets 'exception' then 'return'
-            # with no line event between; a caught exception is followed by
-            # the handler's line events.
-            if last_event.get(id(frame)) != "exception":
-                values = tuple(copy_value(frame.f_locals.get(n, MISSING)) for n in names)
-                returned.append((frame, values))
-        last_event[id(frame)] = event
+        if event == "return" and opnames.get(frame.f_lasti) in ("RETURN_VALUE", "RETURN_CONST"):
+            captures.append(tuple(copy_value(frame.f_locals.get(n, MISSING)) for n in names))
         return local_trace
 
     def global_trace(frame, event, arg):
-        if frame.f_code is code:
-            last_event[id(frame)] = event
-            return local_trace
-        return None
+        return local_trace if frame.f_code is code else None
 
     sys.settrace(global_trace)
     try:
@@ -57,12 +51,6 @@ def run_with_oracle(call, code, names):
         outcome = ("raise", type(error), str(error))
     finally:
         sys.settrace(previous)
-    # A generator frame also reports 'return' at every yield: keep each
-    # frame's last report, in the order of those last reports.
-    last_report = {}
-    for order, (frame, values) in enumerate(returned):
-        last_report[id(frame)] = (order, values)
-    captures = [values for _, values in sorted(last_report.values(), key=lambda x: x[0])]
     return outcome, captures
 
 

@@ -185,6 +185,18 @@ def deleted(x):
     return z
 
 
+def deleted_in_try(x):
+    y = 1
+    try:
+        del y
+        if x:
+            raise ValueError
+        y = 2
+    except ValueError:
+        return "handled"
+    return y
+
+
 def nested_try(x):
     a = 0
     try:
@@ -310,6 +322,7 @@ SHAPES = {
         [(([1, -1, 99],), {}), (([1, 42],), {}), (([],), {}), (([1, 2],), {})],
     ),
     "deleted": (deleted, ("y", "z"), [((0,), {}), ((1,), {})]),
+    "deleted_in_try": (deleted_in_try, ("y",), [((0,), {}), ((1,), {})]),
     "nested_try": (nested_try, ("a", "b", "c"), [((0,), {}), ((1,), {}), ((2,), {})]),
     "return_in_finally_overrides": (
         return_in_finally_overrides,

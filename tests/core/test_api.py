@@ -1,0 +1,391 @@
+"""The get_local API: the original Visualizer's behaviour, then everything beyond it."""
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from visualizer import MISSING, VisualizerError, get_local, load_cache, save_cache
+from visualizer.capture import GetLocal
+
+
+@pytest.fixture
+def gl():
+    instance = GetLocal()
+    yield instance
+    instance.deactivate()
+
+
+@pytest.fixture
+def module_dir(tmp_path, monkeypatch):
+    """Write modules to a temporary folder that is importable."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    created = []
+
+    def write(name, source):
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        created.append(name)
+        return name
+
+    yield write
+    for name in created:
+        sys.modules.pop(name, None)
+
+
+# -- the original API --------------------------------------------------------
+
+
+def test_original_usage_activate_before_import(tmp_path):
+    """The classic way, in a fresh interpreter: activate, then import the model."""
+    (tmp_path / "classic_model.py").write_text(textwrap.dedent(
+        """
+        import numpy as np
+        from visualizer import get_local
+
+        class Attention:
+            @get_local('attention_map')
+            def forward(self, x):
+                attention_map = np.full((2, 2), float(x))
+                return x + 1
+        """
+    ))
+    script = textwrap.dedent(
+        """
+        from visualizer import get_local
+        get_local.activate()
+        import classic_model
+        assert get_local.is_activate is True
+        assert [classic_model.Attention().forward(i) for i in range(3)] == [1, 2, 3]
+        cache = get_local.cache
+        print(sorted(cache), [float(m[0, 0]) for m in cache['Attention.forward']])
+        taken = cache['Attention.forward']
+        get_local.clear()
+        print(get_local.cache, len(taken))
+        """
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([repo, str(tmp_path)])},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Keys stay with new empty lists after clear(); lists taken before keep their maps.
+    assert result.stdout.splitlines() == [
+        "['Attention.forward'] [0.0, 1.0, 2.0]",
+        "{'Attention.forward': []} 3",
+    ]
+
+
+def test_activate_after_import_and_deactivate_any_time(gl):
+    def f(x):
+        y = x * 2
+        return y
+
+    gl("y")(f)
+    assert f(1) == 2 and gl.cache == {}
+    gl.activate()
+    f(2)
+    gl.deactivate()
+    f(3)
+    gl.activate()
+    f(4)
+    assert gl.cache["test_activate_after_import_and_deactivate_any_time.<locals>.f"] == [4, 8]
+
+
+def test_several_names_give_one_dict_per_call(gl):
+    @gl("q", "k", "v")
+    def attention(x):
+        q, k = x + 1, x + 2
+        v = q * k
+        return v
+
+    gl.activate()
+    attention(1)
+    attention(2)
+    entries = gl.cache["test_several_names_give_one_dict_per_call.<locals>.attention"]
+    assert entries == [{"q": 2, "k": 3, "v": 6}, {"q": 3, "k": 4, "v": 12}]
+
+
+def test_decorating_again_adds_names(gl):
+    def f(x):
+        a = x + 1
+        b = x + 2
+        return a + b
+
+    gl("a")(f)
+    gl("b")(f)
+    gl.activate()
+    f(1)
+    assert gl.cache[f.__qualname__] == [{"a": 2, "b": 3}]
+
+
+def test_decorator_returns_the_same_object_and_keeps_its_attributes(gl):
+    def documented(x: int) -> int:
+        """Doc."""
+        value = x
+        return value
+
+    original_code = documented.__code__
+    assert gl("value")(documented) is documented
+    gl.activate()
+    assert documented.__name__ == "documented"
+    assert documented.__qualname__.endswith("documented")
+    assert documented.__doc__ == "Doc."
+    assert documented.__annotations__ == {"x": int, "return": int}
+    assert documented.__code__.co_varnames == original_code.co_varnames
+    assert documented.__code__.co_argcount == original_code.co_argcount
+
+
+def test_instrument_in_place_reaches_every_existing_reference(gl, module_dir):
+    """A library's function, imported by name elsewhere, captured without editing it."""
+    module_dir(
+        "third_party_lib",
+        """
+        def attention(scores):
+            weights = [s / sum(scores) for s in scores]
+            return weights
+        """,
+    )
+    module_dir(
+        "third_party_user",
+        """
+        from third_party_lib import attention
+
+        def model(scores):
+            return attention(scores)
+        """,
+    )
+    lib = importlib.import_module("third_party_lib")
+    user = importlib.import_module("third_party_user")
+    gl("weights")(lib.attention)
+    gl.activate()
+    assert user.model([1, 3]) == [0.25, 0.75]
+    assert gl.cache["attention"] == [[0.25, 0.75]]
+    gl.deactivate()
+    user.model([1, 1])
+    assert gl.cache["attention"] == [[0.25, 0.75]]
+
+
+def test_same_qualname_in_two_modules_never_shares_a_list(gl, module_dir):
+    source = """
+        class Attention:
+            def forward(self, x):
+                attn = x * {factor}
+                return attn
+        """
+    module_dir("model_a", source.format(factor=1))
+    module_dir("model_b", source.format(factor=10))
+    a = importlib.import_module("model_a")
+    b = importlib.import_module("model_b")
+    gl("attn")(a.Attention.forward)
+    with pytest.warns(RuntimeWarning, match="model_b.Attention.forward"):
+        gl("attn")(b.Attention.forward)
+    gl.activate()
+    a.Attention().forward(1)
+    b.Attention().forward(1)
+    assert gl.cache["Attention.forward"] == [1]
+    assert gl.cache["model_b.Attention.forward"] == [10]
+
+
+# -- scoped capture ------------------------------------------------------------
+
+
+def test_capture_scope_collects_and_restores_even_on_error(gl):
+    def f(x):
+        y = x + 1
+        return y
+
+    gl("y")(f)
+    with gl.capture() as cache:
+        f(1)
+    assert cache == {f.__qualname__: [2]}
+    assert gl.is_activate is False and gl.cache == {}
+    assert f(5) == 6 and gl.cache == {}
+
+    gl.activate(max_entries=7)
+    f(2)
+    with pytest.raises(ZeroDivisionError):
+        with gl.capture(max_entries=1):
+            f(3)
+            1 / 0
+    assert gl.is_activate is True
+    assert gl.policy.max_entries == 7
+    assert gl.cache == {f.__qualname__: [3]}
+
+
+# -- the cache: snapshots, threads, bounds, selection ---------------------------
+
+
+def test_entries_are_snapshots(gl):
+    @gl("buffer")
+    def fill(n):
+        buffer = np.zeros(n)
+        buffer[:] = 1
+        return buffer
+
+    gl.activate()
+    returned = fill(3)
+    returned[:] = 7  # the caller changes the array after the call
+    assert np.array_equal(gl.cache[fill.__qualname__][0], np.ones(3))
+
+
+def test_threads_lose_nothing(gl):
+    @gl("value")
+    def work(i):
+        value = i * 2
+        return value
+
+    gl.activate()
+    threads = [
+        threading.Thread(target=lambda start=start: [work(i) for i in range(start, start + 500)])
+        for start in range(0, 4000, 500)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(gl.cache[work.__qualname__]) == [i * 2 for i in range(4000)]
+
+
+def test_bounded_cache_keeps_the_newest_and_counts_the_dropped(gl):
+    @gl("value")
+    def work(i):
+        value = i
+        return value
+
+    gl.activate(max_entries=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(100):
+            work(i)
+    assert gl.cache[work.__qualname__] == [95, 96, 97, 98, 99]
+    assert gl.dropped[work.__qualname__] == 95
+    assert len([w for w in caught if "max_entries" in str(w.message)]) == 1
+
+
+def test_select_is_applied_before_the_copy(gl):
+    seen = []
+
+    def first_row(attn):
+        seen.append(attn.shape)
+        return attn[0]
+
+    @gl("attn", "other", select={"attn": first_row})
+    def f(n):
+        attn = np.arange(n * n, dtype=float).reshape(n, n)
+        other = n
+        return attn
+
+    gl.activate()
+    f(3)
+    entry = gl.cache[f.__qualname__][0]
+    assert seen == [(3, 3)]
+    assert np.array_equal(entry["attn"], [0.0, 1.0, 2.0]) and entry["other"] == 3
+
+
+def test_unbound_name_is_missing_and_warned_once(gl):
+    @gl("maybe")
+    def f(flag):
+        if flag:
+            maybe = 1
+        return 0
+
+    gl.activate()
+    with pytest.warns(RuntimeWarning, match="'maybe' was not bound"):
+        f(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(False)
+        f(True)
+    assert gl.cache[f.__qualname__] == [MISSING, MISSING, 1]
+
+
+def test_save_load_round_trip_without_pickle(tmp_path):
+    cache = {
+        "Attention.forward": [np.random.rand(2, 3, 4).astype(np.float32), np.arange(5)],
+        "Block.forward": [{"q": np.ones(2), "k": MISSING, "n": 3, "s": "text", "t": (1, [2.5])}],
+        "empty": [],
+    }
+    path = tmp_path / "maps.npz"
+    save_cache(cache, path)
+    loaded = load_cache(path)
+    assert list(loaded) == list(cache)
+    for got, want in zip(loaded["Attention.forward"], cache["Attention.forward"]):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    entry = loaded["Block.forward"][0]
+    assert np.array_equal(entry["q"], np.ones(2)) and entry["k"] is MISSING
+    assert (entry["n"], entry["s"], entry["t"]) == (3, "text", (1, [2.5]))
+    assert loaded["empty"] == []
+    with np.load(path, allow_pickle=False) as archive:  # no object arrays inside
+        assert all(archive[name].dtype != object for name in archive.files)
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def a_function(x):
+    attn = x
+    return attn
+
+
+class AClass:
+    pass
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda g: g("atn")(a_function), r"'atn' is not a local variable of a_function; "
+                                         r"expected one of its locals: \['attn', 'x'\]"),
+        (lambda g: g("attn")(len), r"can only instrument a Python function.*got "
+                                   r"builtin_function_or_method"),
+        (lambda g: g("attn")(AClass), r"got the class AClass; decorate the method"),
+        (lambda g: g()(a_function), r"expected at least one variable name"),
+        (lambda g: g(3)(a_function), r"variable names must be identifiers.*got 3 \(int\)"),
+        (lambda g: g("attn", select=5), r"select must be a callable or a dict.*got 5"),
+        (lambda g: g("attn", select={"q": abs}), r"select names \['q'\] that are not captured"),
+        (lambda g: g.activate(max_entries=0), r"max_entries must be a positive int.*got 0"),
+        (lambda g: g.activate(dtype="float99"), r"dtype must name.*got 'float99'"),
+        (lambda g: g.activate(dtype="bfloat16"), r"'bfloat16' cannot be stored in numpy"),
+        (lambda g: g.activate(detach=False), r"detach=False keeps the autograd graph"),
+        (lambda g: g.activate(keep_on_device="yes"), r"keep_on_device must be True or False"),
+        (lambda g: setattr(g, "cache", []), r"get_local.cache must be a dict; got list"),
+    ],
+)
+def test_errors_name_function_variable_expected_and_got(gl, call, message):
+    with pytest.raises(VisualizerError, match=message):
+        call(gl)
+
+
+def test_select_failure_names_function_and_variable(gl):
+    @gl("attn", select=lambda a: a[5])
+    def f():
+        attn = np.zeros((2, 2))
+        return attn
+
+    gl.activate()
+    with pytest.raises(VisualizerError, match=r"select for 'attn' in .*f raised IndexError.*"
+                                              r"shape \(2, 2\)"):
+        f()
+
+
+def test_save_rejects_what_needs_pickle(tmp_path):
+    with pytest.raises(VisualizerError, match=r"cache\['f'\]\[0\] is a object; expected an array"):
+        save_cache({"f": [object()]}, tmp_path / "x.npz")
+    with pytest.raises(VisualizerError, match=r"object array, which needs pickle"):
+        save_cache({"f": [np.array([None, 1])]}, tmp_path / "x.npz")
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, x=np.ones(2))
+    with pytest.raises(VisualizerError, match="expected a file written by save_cache"):
+        load_cache(path)

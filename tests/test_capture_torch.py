@@ -1,0 +1,209 @@
+"""get_local on real PyTorch models: values against independent oracles, policies, compilers."""
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from examples.toy_vit import Attention, VisionTransformer  # noqa: E402
+from tests.core.oracle import run_with_oracle  # noqa: E402
+from visualizer import get_local  # noqa: E402
+from visualizer.capture import GetLocal  # noqa: E402
+
+KEY = "Attention.forward"
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=(32, 24), patch_size=4, depth=12).eval()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 32, 24)
+
+
+@pytest.fixture(autouse=True)
+def restore_get_local():
+    yield
+    get_local.deactivate()
+    get_local.cache = {}
+
+
+def test_vit_maps_match_the_settrace_oracle_and_outputs_are_bitwise_equal(vit, images):
+    with torch.no_grad():
+        off = vit(images)
+        _, oracle = run_with_oracle(lambda: vit(images), Attention.forward.__code__, ("attn",))
+        get_local.activate()
+        on = vit(images)
+    assert torch.equal(on, off)
+    maps = get_local.cache[KEY]
+    tokens = 1 + 8 * 6
+    assert len(maps) == 12 and len(oracle) == 12
+    for layer, (got, (want,)) in enumerate(zip(maps, oracle)):
+        assert isinstance(got, np.ndarray) and got.shape == (3, 4, tokens, tokens)
+        assert np.array_equal(got, want.numpy()), f"layer {layer}"
+        assert np.allclose(got.sum(-1), 1, atol=1e-5)
+
+
+def test_huggingface_vit_instrumented_in_place_matches_output_attentions():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.vit import modeling_vit
+
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        image_size=32, patch_size=8, attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    # The library's own function, captured without editing its source.
+    get_local("attn_weights")(modeling_vit.eager_attention_forward)
+    with get_local.capture() as cache, torch.no_grad():
+        outputs = model(pixel_values=pixels, output_attentions=True)
+    captured = cache["eager_attention_forward"]
+    assert len(captured) == 3 == len(outputs.attentions)
+    for got, want in zip(captured, outputs.attentions):
+        assert got.shape == (2, 4, 17, 17)
+        np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_keep_on_device_dtype_and_bfloat16(vit, images):
+    with torch.no_grad():
+        reference = [m for m in _maps(vit, images)]
+        get_local.activate(keep_on_device=True)
+        vit(images)
+        on_device = get_local.cache[KEY]
+        assert all(isinstance(t, torch.Tensor) and t.device == images.device for t in on_device)
+        assert all(torch.equal(t, torch.from_numpy(r)) for t, r in zip(on_device, reference))
+
+        get_local.cache = {}
+        get_local.activate(dtype="float16")
+        vit(images)
+        assert all(m.dtype == np.float16 for m in get_local.cache[KEY])
+        np.testing.assert_allclose(get_local.cache[KEY][0], reference[0], atol=1e-3)
+
+        # A bfloat16 model: numpy has no bfloat16; stored exactly as float32.
+        vit_bf16 = vit.to(torch.bfloat16)
+        get_local.cache = {}
+        get_local.activate()
+        vit_bf16(images.to(torch.bfloat16))
+        maps = get_local.cache[KEY]
+        assert len(maps) == 12 and all(m.dtype == np.float32 for m in maps)
+        get_local.cache = {}
+        get_local.activate(keep_on_device=True)
+        vit_bf16(images.to(torch.bfloat16))
+        raw = get_local.cache[KEY]
+        np.testing.assert_array_equal(maps[0], raw[0].float().numpy())
+
+
+def test_detach_false_keeps_the_graph_for_gradients(vit, images):
+    get_local.activate(keep_on_device=True, detach=False)
+    logits = vit(images)
+    maps = get_local.cache[KEY]
+    assert all(m.requires_grad for m in maps)
+    grads = torch.autograd.grad(logits[:, 0].sum(), maps)
+    assert len(grads) == 12 and all(g.shape == maps[0].shape for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_snapshot_of_a_tensor_the_caller_changes_in_place():
+    class Scores(torch.nn.Module):
+        @get_local("scores")
+        def forward(self, x):
+            scores = x * 2
+            return scores
+
+    for policy in ({}, {"keep_on_device": True}):
+        get_local.cache = {}
+        get_local.activate(**policy)
+        out = Scores()(torch.ones(3))
+        out.zero_()
+        stored = get_local.cache["test_snapshot_of_a_tensor_the_caller_changes_in_place."
+                                 "<locals>.Scores.forward"][0]
+        assert np.array_equal(np.asarray(stored), [2.0, 2.0, 2.0]), policy
+
+
+def test_select_keeps_only_the_cls_row(vit, images):
+    reference = _maps(vit, images)
+    # A separate instance, so the selection does not stay on the global one.
+    selecting = GetLocal()
+    selecting("attn", select=lambda attn: attn[:, :, 0])(Attention.forward)
+    with selecting.capture() as cache, torch.no_grad():
+        vit(images)
+    rows = cache[KEY]
+    assert rows[0].shape == (3, 4, 49)
+    for row, full in zip(rows, reference):
+        np.testing.assert_array_equal(row, full[:, :, 0])
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_torch_compile_captures_what_eager_mode_captures(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(16, 16), patch_size=4, depth=2).eval()
+    images = torch.randn(2, 3, 16, 16)
+    reference = _maps(model, images)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        with get_local.capture() as cache:
+            out = compiled(images)
+            compiled(images)
+        # Capture off: the same compiled model runs and records nothing.
+        compiled(images)
+    assert cache[KEY] is not None and len(cache[KEY]) == 4
+    for got, want in zip(cache[KEY], reference * 2):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert get_local.cache.get(KEY, []) == []
+    torch.testing.assert_close(out, model(images), rtol=1e-4, atol=1e-5)
+
+
+def test_torchscript_script_runs_but_cannot_capture(vit, images):
+    """TorchScript compiles the source to its own IR: no Python bytecode runs.
+
+    The README states this limitation; this test pins it down so that a change
+    in behaviour is noticed.
+    """
+    scripted = torch.jit.script(vit)
+    with torch.no_grad(), get_local.capture() as cache:
+        out = scripted(images)
+    torch.testing.assert_close(out, vit(images))
+    assert cache.get(KEY) == []
+
+
+def test_torch_jit_trace_says_the_traced_module_will_not_capture(vit, images):
+    with get_local.capture() as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(vit, images, check_trace=False)
+        traced(images)
+    assert any("torch.jit.trace" in str(w.message) and "will not capture" in str(w.message)
+               for w in caught)
+    assert len(cache[KEY]) == 12  # from tracing only: the traced call added none
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_numpy_and_on_device():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(16, 16), patch_size=4, depth=2).eval().cuda()
+    images = torch.randn(2, 3, 16, 16, device="cuda")
+    reference = _maps(model.cpu(), images.cpu())
+    model.cuda()
+    with torch.no_grad():
+        with get_local.capture() as cache:
+            model(images)
+        with get_local.capture(keep_on_device=True) as on_device:
+            model(images)
+    for got, device_map, want in zip(cache[KEY], on_device[KEY], reference):
+        assert isinstance(got, np.ndarray) and device_map.is_cuda
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(device_map.cpu().numpy(), want, atol=1e-5)
+
+
+def _maps(model, images):
+    """Reference maps: the same model's attention, read by the settrace oracle."""
+    with torch.no_grad():
+        _, oracle = run_with_oracle(lambda: model(images), Attention.forward.__code__, ("attn",))
+    return [values[0].float().numpy() for values in oracle]
