@@ -13,6 +13,7 @@ torch is never imported here: a tensor can only exist if its caller already
 imported torch, so ``sys.modules`` is enough to recognise one. That keeps
 ``import visualizer.analysis`` free of torch for Pythons without it.
 """
+
 import math
 import sys
 
@@ -46,7 +47,9 @@ def to_numpy(x, func, name):
         # .cpu() before the dtype change moves half the bytes off a GPU.
         tensor = x.detach().cpu()
         if tensor.is_complex():
-            raise VisualizerError(f"{func}: {name} must be real; got a tensor of dtype {tensor.dtype}")
+            raise VisualizerError(
+                f"{func}: {name} must be real; got a tensor of dtype {tensor.dtype}"
+            )
         if tensor.dtype not in (sys.modules["torch"].float32, sys.modules["torch"].float64):
             tensor = tensor.float()
         return tensor.numpy()
@@ -54,7 +57,8 @@ def to_numpy(x, func, name):
         array = np.asarray(x)
     except (TypeError, ValueError) as error:
         raise VisualizerError(
-            f"{func}: {name} must be a numpy array or torch tensor of numbers; got {type(x).__name__} ({error})"
+            f"{func}: {name} must be a numpy array or torch tensor of numbers; got "
+            f"{type(x).__name__} ({error})"
         ) from None
     if array.dtype.kind not in "biuf":
         raise VisualizerError(
@@ -75,11 +79,13 @@ def attention_array(x, func, name="attn", square=True):
     """
     array = to_numpy(x, func, name)
     if array.ndim not in (3, 4):
-        raise VisualizerError(f"{func}: {name} must have shape {ATTENTION_LAYOUT}; got shape {tuple(array.shape)}")
+        raise VisualizerError(
+            f"{func}: {name} must have shape {ATTENTION_LAYOUT}; got shape {tuple(array.shape)}"
+        )
     if square and array.shape[-1] != array.shape[-2]:
         raise VisualizerError(
-            f"{func}: {name} must have shape {ATTENTION_LAYOUT} with as many query rows as key columns; "
-            f"got shape {tuple(array.shape)}"
+            f"{func}: {name} must have shape {ATTENTION_LAYOUT} with as many query rows as "
+            f"key columns; got shape {tuple(array.shape)}"
         )
     batched = array.ndim == 4
     return (array if batched else array[None]), batched
@@ -95,7 +101,10 @@ def layer_list(maps, func, name="maps"):
     """
     if isinstance(maps, (list, tuple)):
         if not maps:
-            raise VisualizerError(f"{func}: {name} must hold at least one layer's map; got an empty {type(maps).__name__}")
+            raise VisualizerError(
+                f"{func}: {name} must hold at least one layer's map; got an empty "
+                f"{type(maps).__name__}"
+            )
         return list(maps), True
     if not (is_torch_tensor(maps) or isinstance(maps, np.ndarray)):
         maps = to_numpy(maps, func, name)
@@ -104,12 +113,12 @@ def layer_list(maps, func, name="maps"):
     if maps.ndim in (3, 4):
         return [maps], False
     raise VisualizerError(
-        f"{func}: {name} must be a list of per-layer maps {ATTENTION_LAYOUT}, an array (L, B, H, N, N), "
-        f"or one map; got shape {tuple(maps.shape)}"
+        f"{func}: {name} must be a list of per-layer maps {ATTENTION_LAYOUT}, "
+        f"an array (L, B, H, N, N), or one map; got shape {tuple(maps.shape)}"
     )
 
 
-def layer_arrays(layers, func, name="maps"):
+def layer_arrays(layers, func, name="maps", square=True):
     """Yield ``(array (B, H, N, N), batched)`` per layer, converting lazily.
 
     One layer at a time keeps memory at one map's size: at DINOv2 resolutions a
@@ -117,7 +126,7 @@ def layer_arrays(layers, func, name="maps"):
     """
     first_shape = None
     for index, layer in enumerate(layers):
-        array, batched = attention_array(layer, func, f"{name}[{index}]")
+        array, batched = attention_array(layer, func, f"{name}[{index}]", square)
         if first_shape is None:
             first_shape = (tuple(np.shape(layer)), array.shape)
         elif array.shape != first_shape[1]:
@@ -128,18 +137,26 @@ def layer_arrays(layers, func, name="maps"):
         yield array, batched
 
 
+def check_prefix(num_prefix_tokens, num_tokens, func):
+    """Return ``num_prefix_tokens`` if it leaves at least one patch token."""
+    if (
+        not isinstance(num_prefix_tokens, (int, np.integer))
+        or not 0 <= num_prefix_tokens < num_tokens
+    ):
+        raise VisualizerError(
+            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for maps with "
+            f"{num_tokens} tokens; got {num_prefix_tokens!r}"
+        )
+    return int(num_prefix_tokens)
+
+
 def grid_shape(num_tokens, num_prefix_tokens, grid_size, func):
     """Return the patch grid ``(h, w)`` for ``num_tokens`` tokens.
 
     ``grid_size`` may be ``(h, w)``, an int for a square grid, or None to infer
     a square grid from the number of patch tokens.
     """
-    if not isinstance(num_prefix_tokens, (int, np.integer)) or not 0 <= num_prefix_tokens < num_tokens:
-        raise VisualizerError(
-            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for maps with {num_tokens} tokens; "
-            f"got {num_prefix_tokens!r}"
-        )
-    num_patches = num_tokens - num_prefix_tokens
+    num_patches = num_tokens - check_prefix(num_prefix_tokens, num_tokens, func)
     if grid_size is None:
         side = math.isqrt(num_patches)
         if side * side != num_patches:
@@ -153,7 +170,9 @@ def grid_shape(num_tokens, num_prefix_tokens, grid_size, func):
     try:
         height, width = (int(side) for side in grid_size)
     except (TypeError, ValueError):
-        raise VisualizerError(f"{func}: grid_size must be (h, w), an int or None; got {grid_size!r}") from None
+        raise VisualizerError(
+            f"{func}: grid_size must be (h, w), an int or None; got {grid_size!r}"
+        ) from None
     if height < 1 or width < 1:
         raise VisualizerError(f"{func}: grid_size must be positive; got {grid_size!r}")
     if height * width != num_patches:
@@ -178,7 +197,22 @@ def pair(value, func, name):
     try:
         first, second = (float(item) for item in value)
     except (TypeError, ValueError):
-        raise VisualizerError(f"{func}: {name} must be a positive number or a pair of them; got {value!r}") from None
+        raise VisualizerError(
+            f"{func}: {name} must be a positive number or a pair of them; got {value!r}"
+        ) from None
     if not (first > 0 and second > 0):
         raise VisualizerError(f"{func}: {name} must be positive; got {value!r}")
     return first, second
+
+
+def cross_attention_array(cross_attn, func):
+    """Coerce DETR cross-attention to ``(B, H, Q, S)`` (``H = 1`` if head-averaged)."""
+    array = to_numpy(cross_attn, func, "cross_attn")
+    if array.ndim == 3:
+        return array[:, None]
+    if array.ndim == 4:
+        return array
+    raise VisualizerError(
+        f"{func}: cross_attn must have shape (B, H, Q, h*w) or (B, Q, h*w) (head-averaged); got "
+        f"shape {array.shape}"
+    )
