@@ -389,3 +389,11 @@ def test_load_rejects_other_files(tmp_path):
     np.savez(path, x=np.ones(2))
     with pytest.raises(VisualizerError, match="expected a file written by save_cache"):
         load_cache(path)
+
+
+def test_importing_the_core_does_not_import_torch_or_matplotlib():
+    script = "import sys, visualizer, visualizer.analysis; print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "[]"
