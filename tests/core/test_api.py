@@ -140,8 +140,12 @@ def test_decorator_returns_the_same_object_and_keeps_its_attributes(gl):
     assert documented.__qualname__.endswith("documented")
     assert documented.__doc__ == "Doc."
     assert documented.__annotations__ == {"x": int, "return": int}
-    assert documented.__code__.co_varnames == original_code.co_varnames
-    assert documented.__code__.co_argcount == original_code.co_argcount
+    code_attributes = ["co_name", "co_filename", "co_firstlineno", "co_flags", "co_argcount",
+                       "co_kwonlyargcount", "co_varnames", "co_freevars", "co_cellvars"]
+    if hasattr(original_code, "co_qualname"):
+        code_attributes.append("co_qualname")
+    for attribute in code_attributes:
+        assert getattr(documented.__code__, attribute) == getattr(original_code, attribute), attribute
 
 
 def test_instrument_in_place_reaches_every_existing_reference(gl, module_dir):
