@@ -7,6 +7,7 @@ captured, or a dict name -> value when several are.
 torch is imported lazily (only when a torch tensor is seen), so this module
 works on Pythons where torch is not installed.
 """
+import contextlib
 import json
 import sys
 import threading
@@ -164,8 +165,29 @@ class CaptureStore:
         self.cache = {}
         self.dropped = {}
         self.policy = StoragePolicy()
+        # How many fused-attention recorders (visualizer.fused) write here.
+        # While any does, get_local leaves a call whose names are all unbound
+        # to them instead of recording MISSING (see GetLocal).
+        self.fused_recorders = 0
         self._lock = threading.Lock()
         self._warned_bound = set()
+
+    @contextlib.contextmanager
+    def scoped(self, policy):
+        """Point the store at a fresh cache with `policy` for a block, then restore.
+
+        Yields the fresh dict. The previous cache, drop counts and policy come
+        back on exit, also when the block raises.
+        """
+        with self._lock:
+            saved = (self.cache, self.dropped, self.policy)
+            fresh = {}
+            self.cache, self.dropped, self.policy = fresh, {}, policy
+        try:
+            yield fresh
+        finally:
+            with self._lock:
+                self.cache, self.dropped, self.policy = saved
 
     def append(self, key, entry):
         """Append one call's entry (already a snapshot) under `key`.

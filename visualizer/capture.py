@@ -105,7 +105,7 @@ class GetLocal:
         key = f"{module}.{qualname}"
         warnings.warn(
             f"get_local: {qualname!r} in module {module!r} has the same qualified name as a "
-            f"decorated function in module {owner!r}; its captures go under {key!r}",
+            f"captured function in module {owner!r}; its captures go under {key!r}",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -121,6 +121,10 @@ class GetLocal:
         policy = StoragePolicy(keep_on_device, dtype, max_entries, detach)
         with self._lock:
             self._store.policy = policy
+            self._turn_on()
+
+    def _turn_on(self):
+        with self._lock:
             self._active = True
             for registration in list(self._registrations.values()):
                 self._install(registration)
@@ -150,23 +154,15 @@ class GetLocal:
                 model(img)
             cache['Attention.forward']
         """
-        with self._lock:
-            was_active = self._active
-            saved = (self._store.cache, self._store.dropped, self._store.policy)
-            fresh = {}
-            self._store.cache, self._store.dropped = fresh, {}
+        policy = StoragePolicy(keep_on_device, dtype, max_entries, detach)
+        was_active = self._active
+        with self._store.scoped(policy) as fresh:
             try:
-                self.activate(keep_on_device, dtype, max_entries, detach)
-            except BaseException:
-                self._store.cache, self._store.dropped, self._store.policy = saved
-                raise
-        try:
-            yield fresh
-        finally:
-            with self._lock:
+                self._turn_on()
+                yield fresh
+            finally:
                 if not was_active:
                     self.deactivate()
-                self._store.cache, self._store.dropped, self._store.policy = saved
 
     # -- the cache --------------------------------------------------------
 
@@ -228,6 +224,7 @@ class GetLocal:
         select = registration.select
         warn_missing = self._warn_missing
         warn_tracing = self._warn_tracing
+        warn_left_to_fused = self._warn_left_to_fused
 
         def keep(name, value):
             """What the cache holds for one captured value."""
@@ -247,6 +244,11 @@ class GetLocal:
         # The recorder's own cost is most of the cost of capture (see
         # benchmarks/), so the common case, one name, is written out in full:
         # an immutable value with nothing to select goes straight to its list.
+        #
+        # A call whose names are all unbound while a fused-attention recorder
+        # is on took the fused path (timm's fused_attn with the decorator
+        # left in place): its map is recorded by visualizer.fused under this
+        # same key, so no MISSING entry is interleaved with it.
         if len(names) == 1:
             (only_name,) = names
             needs_keep = bool(select)
@@ -254,6 +256,9 @@ class GetLocal:
             def record(value):
                 if value is READ_FROM_FRAME:
                     value = sys._getframe(1).f_locals.get(only_name, MISSING)
+                    if value is MISSING and store.fused_recorders:
+                        warn_left_to_fused(key, names)
+                        return
                 if needs_keep or type(value) not in IMMUTABLE_TYPES:
                     value = keep(only_name, value)
                 # Inline CaptureStore.append: dict.setdefault and list.append
@@ -269,14 +274,17 @@ class GetLocal:
 
         def record_several(*values):
             frame_locals = None
-            entry = {}
+            found = {}
             for name, value in zip(names, values):
                 if value is READ_FROM_FRAME:
                     if frame_locals is None:
                         frame_locals = sys._getframe(1).f_locals
                     value = frame_locals.get(name, MISSING)
-                entry[name] = keep(name, value)
-            store.append(key, entry)
+                found[name] = value
+            if store.fused_recorders and all(v is MISSING for v in found.values()):
+                warn_left_to_fused(key, names)
+                return
+            store.append(key, {name: keep(name, value) for name, value in found.items()})
 
         return record_several
 
@@ -287,6 +295,19 @@ class GetLocal:
         warnings.warn(
             f"get_local: {key} was captured while torch.jit.trace was tracing it; the traced "
             "module runs no Python code and will not capture when it is called",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _warn_left_to_fused(self, key, names):
+        if ("fused", key) in self._warned:
+            return
+        self._warned.add(("fused", key))
+        warnings.warn(
+            f"get_local: {', '.join(map(repr, names))} not bound when {key} returned while "
+            "sdpa_capture was on: such calls are left to sdpa_capture, which records the "
+            "attention weights of their scaled_dot_product_attention calls under the same key "
+            "(warned once per function)",
             RuntimeWarning,
             stacklevel=3,
         )

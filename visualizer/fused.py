@@ -1,0 +1,450 @@
+"""Attention weights from fused attention: `F.scaled_dot_product_attention` calls.
+
+    with sdpa_capture.capture(rows=[0]) as cache:     # the CLS query row only
+        model(img)                                    # timm fused_attn, HF "sdpa", ...
+    cache['Attention.forward']                        # one (B, H, 1, N) array per call
+
+Fused kernels never materialize softmax(q·kᵀ·scale + mask), so there is no
+local for `get_local` to capture. While `sdpa_capture` is on, a
+`torch.overrides.TorchFunctionMode` sees every call of
+`torch.nn.functional.scaled_dot_product_attention`, runs it unchanged (the
+model's output is the kernel's output, bit for bit) and then recomputes, for
+the record only and under `torch.no_grad()`, the weights the kernel applied:
+
+- exactly SDPA's semantics: a boolean mask (True = attend) or an additive
+  float mask, broadcast as SDPA broadcasts it; `is_causal` with PyTorch's
+  top-left alignment (query i sees keys j <= i, also when L != S), and the
+  `torch.nn.attention.bias` causal variants; `scale` (default 1/sqrt(E));
+  `enable_gqa` (query head h uses key head h // (Hq // Hk)). A mask given
+  together with `is_causal` is combined with it, as the CPU kernel does.
+- weights are computed in float32 (float64 for float64 inputs) and stored in
+  the query's dtype, as an eager `softmax` in the model's dtype would give.
+- a query row whose every key is masked gets zero weights: PyTorch's kernels
+  give such a row a zero output, where a plain softmax would give NaN.
+- dropout (`dropout_p > 0`, a module in training): the weights BEFORE dropout
+  are recorded, with a warning once per function; the kernel's random
+  dropout pattern is not observable. `model.eval()` makes them exact.
+- selection before computation: `rows=` keeps some query rows and `heads=`
+  some query heads. Only q[..., heads, rows, :]·kᵀ is formed, so the CLS row
+  of a DINOv2-size input costs O(N) memory per head, not O(N²). An int keeps
+  its axis: entries are always (..., H, Q, S).
+
+Where the weights go: the same cache and storage policy as `get_local` (numpy
+on the CPU by default; `get_local.activate(keep_on_device=True, ...)` or
+`sdpa_capture.capture(keep_on_device=True, ...)` change it), one entry per
+call, in call order, keyed by the qualified name of the function that called
+SDPA: the first caller up the stack outside torch, this module, transformers'
+attention dispatchers such as `sdpa_attention_forward` (they only forward the
+call for the attention module) and other modes' `__torch_function__`. So
+timm's attention records under 'Attention.forward' and Hugging Face models
+under their attention module's forward (e.g. 'ViTAttention.forward',
+'LlamaAttention.forward'): the function one would decorate with `get_local`
+in eager mode. `get_local('attn')` may stay on that very function: while
+sdpa_capture is on, a call that leaves `attn` unbound (it took the fused
+path) is left to sdpa_capture instead of being recorded as MISSING, so the
+key holds one map per call.
+
+What is recorded is what the kernel was given: transformers packs the query
+heads of a single-token GQA decoding step into (B, Hkv, n_rep, E) when it
+cannot use `enable_gqa`, and then that call's entry has that layout.
+
+Limits: the mode stack is per thread, so capture in the thread that runs the
+model. A TorchFunctionMode sees only the outermost torch function of a call:
+SDPA called inside `F.multi_head_attention_forward` (`nn.MultiheadAttention`,
+as in torchvision's ViT and CLIP, with `need_weights=False`) is not seen, and
+a warning says so. Kernels that do not go through
+`F.scaled_dot_product_attention` (xformers' `memory_efficient_attention` in
+the original DINOv2 repository, the `flash_attn` package) are not seen. The
+recomputed weights are not part of the model's autograd graph: a storage
+policy with `detach=False` still stores them without a graph, with a warning.
+Under `torch.compile` the recording runs eagerly between graphs (a graph
+break at every SDPA call while capture is on).
+"""
+
+import contextlib
+import math
+import operator
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
+from torch.overrides import TorchFunctionMode
+
+from ._compat import PY311
+from ._errors import VisualizerError
+from .cache import StoragePolicy, snapshot
+from .capture import get_local
+
+# Frames of these modules (and their submodules) are skipped when naming the
+# caller: torch's own (Module.__call__, ...), this module, and transformers'
+# attention dispatchers (`sdpa_attention_forward`, ...), through which every
+# Hugging Face attention module calls SDPA.
+_SKIPPED_MODULES = ("torch", __name__, "transformers.integrations")
+
+
+class SdpaCapture:
+    """Records the attention weights of `scaled_dot_product_attention` calls.
+
+    Shares the store (cache, storage policy, key names) of the `GetLocal`
+    instance it is made for; the module-level `sdpa_capture` shares
+    `get_local`'s, so `get_local.cache` holds both kinds of capture.
+    """
+
+    def __init__(self, owner):
+        self._owner = owner
+        self._mode = None
+        self._rows = None
+        self._heads = None
+        self._keys = {}  # (qualified name, module) -> cache key
+        self._warned = set()
+
+    # -- switching --------------------------------------------------------
+
+    def activate(self, rows=None, heads=None):
+        """Record every SDPA call of this thread from now on, until `deactivate`.
+
+        Args:
+            rows: query rows to keep: None (all), an int (e.g. 0 for CLS), a
+                slice or a sequence of ints; negative indices count from the end.
+            heads: query heads to keep, in the same forms.
+
+        Values are stored with the storage policy in force (`get_local.policy`).
+        Calling it again while on changes `rows` and `heads`.
+        """
+        rows = _validate_selection(rows, "rows")
+        heads = _validate_selection(heads, "heads")
+        with self._owner._lock:
+            self._rows, self._heads = rows, heads
+            if self._mode is None:
+                mode = _RecordingMode(self)
+                mode.__enter__()
+                self._mode = mode
+                self._owner._store.fused_recorders += 1
+
+    def deactivate(self):
+        """Stop recording; SDPA calls run exactly as without this library."""
+        with self._owner._lock:
+            if self._mode is not None:
+                _remove_mode(self._mode)
+                self._mode = None
+                self._owner._store.fused_recorders -= 1
+
+    @property
+    def is_active(self):
+        """Whether SDPA calls are being recorded."""
+        return self._mode is not None
+
+    @contextlib.contextmanager
+    def capture(self, rows=None, heads=None, keep_on_device=False, dtype=None, max_entries=None):
+        """Record inside a `with` block into a fresh cache, then restore.
+
+        Yields a new dict that receives this block's captures (SDPA weights and
+        anything `get_local` captures meanwhile), stored with the storage
+        policy these arguments describe (see `StoragePolicy`; there is no
+        `detach`, since recomputed weights have no graph to keep). On exit, also
+        when the block raises, `get_local.cache`, the policy and this object's
+        previous state (off, or on with its own rows and heads) come back.
+        `get_local`'s on/off state is never changed.
+
+            with sdpa_capture.capture(rows=0) as cache:
+                model(img)
+            cache['Attention.forward'][layer]    # (B, H, 1, N)
+        """
+        policy = StoragePolicy(keep_on_device, dtype, max_entries)
+        rows = _validate_selection(rows, "rows")
+        heads = _validate_selection(heads, "heads")
+        was_active, saved_rows, saved_heads = self.is_active, self._rows, self._heads
+        with self._owner._store.scoped(policy) as fresh:
+            try:
+                self.activate(rows, heads)
+                yield fresh
+            finally:
+                if was_active:
+                    self._rows, self._heads = saved_rows, saved_heads
+                else:
+                    self.deactivate()
+
+    @property
+    def cache(self):
+        """The shared cache, the same dict as `get_local.cache`."""
+        return self._owner.cache
+
+    # -- recording --------------------------------------------------------
+
+    # Under torch.compile the recording runs eagerly, between graphs: Dynamo
+    # cannot trace sys._getframe, and the recorded weights are not the graph's.
+    @torch.compiler.disable
+    def _record(self, args, kwargs):
+        query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(
+            *args, **kwargs
+        )
+        caller = self._caller_key()
+        store = self._owner._store
+        policy = store.policy
+        if dropout_p > 0:
+            self._warn_once(
+                caller,
+                "dropout",
+                f"sdpa_capture: {caller} called scaled_dot_product_attention with "
+                f"dropout_p={dropout_p}; the recorded weights are the ones BEFORE dropout (the "
+                "kernel's random dropout pattern is not observable). Call model.eval() for "
+                "weights that are exactly the ones applied",
+            )
+        if not policy.detach:
+            self._warn_once(
+                caller,
+                "detach",
+                f"sdpa_capture: the storage policy has detach=False, but the weights recorded "
+                f"for {caller} are recomputed beside the fused kernel and are not part of the "
+                "model's autograd graph; they are stored without a graph",
+            )
+        if self._heads is not None and query.dim() < 4:
+            raise VisualizerError(
+                f"sdpa_capture: heads={_describe(self._heads)} selects on the heads axis of a "
+                f"(B, H, L, E) query, but {caller} called scaled_dot_product_attention with a "
+                f"{query.dim()}-D query of shape {tuple(query.shape)}"
+            )
+        rows = _positions(self._rows, query.shape[-2], "rows", "query rows", caller, query.device)
+        heads = (
+            None
+            if self._heads is None
+            else _positions(
+                self._heads, query.shape[-3], "heads", "query heads", caller, query.device
+            )
+        )
+        causal_offset = 0 if is_causal else None
+        if isinstance(attn_mask, CausalBias):
+            # The bias subclasses stand for a causal mask aligned top-left or
+            # bottom-right (the KV-cache convention): query i sees j <= i + offset.
+            lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
+            causal_offset = key.shape[-2] - query.shape[-2] if lower_right else 0
+            attn_mask = None
+        with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+            weights = _attention_weights(
+                query, key, attn_mask, causal_offset, scale, enable_gqa, rows, heads
+            )
+        store.append(caller, snapshot(weights, policy))
+
+    def _caller_key(self):
+        frame = sys._getframe(1)
+        while frame is not None and _is_skipped(frame):
+            frame = frame.f_back
+        if frame is None:
+            return "<unknown>"
+        name = (_qualified_name(frame), frame.f_globals.get("__name__", ""))
+        key = self._keys.get(name)
+        if key is None:
+            # get_local's naming: a qualified name taken by a function of
+            # another module gets a module-qualified key, with a warning.
+            key = self._keys[name] = self._owner._unique_key(*name)
+        return key
+
+    def _warn_unseen_multi_head_attention(self):
+        caller = self._caller_key()
+        self._warn_once(
+            caller,
+            "multi_head_attention",
+            f"sdpa_capture: {caller} ran nn.MultiheadAttention with need_weights=False. Its "
+            "scaled_dot_product_attention call happens inside F.multi_head_attention_forward, "
+            "itself a torch function, and a TorchFunctionMode sees only the outermost one, so "
+            "nothing is recorded for it; call the module with need_weights=True, "
+            "average_attn_weights=False to get its weights",
+        )
+
+    def _warn_once(self, caller, reason, message):
+        if (caller, reason) in self._warned:
+            return
+        self._warned.add((caller, reason))
+        warnings.warn(message + " (warned once per function)", RuntimeWarning, stacklevel=2)
+
+
+class _RecordingMode(TorchFunctionMode):
+    """Runs every torch function as is; hands SDPA calls to the capture after."""
+
+    def __init__(self, capture):
+        super().__init__()
+        self._capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # The real call first, with the original arguments: the output is the
+        # fused kernel's, and an invalid call raises torch's own error. Inside
+        # this method torch has taken the mode off the stack, so neither this
+        # call nor the recomputation comes back here.
+        output = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            self._capture._record(args, kwargs)
+        elif func is F.multi_head_attention_forward and not kwargs.get("need_weights", True):
+            self._capture._warn_unseen_multi_head_attention()
+        return output
+
+
+def _sdpa_arguments(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Bind a call's arguments by SDPA's own signature."""
+    return query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+def _attention_weights(query, key, attn_mask, causal_offset, scale, enable_gqa, rows, heads):
+    """softmax(q·kᵀ·scale + mask) for the selected query rows and heads.
+
+    Args:
+        query: (..., Hq, L, E); key: (..., Hk, S, E), broadcastable as in SDPA.
+        attn_mask: None, bool (True = attend) or additive float, broadcastable
+            to (..., Hq, L, S).
+        causal_offset: None, or query i sees keys j <= i + causal_offset.
+        rows, heads: int64 index tensors, or None for all.
+
+    Returns:
+        (..., Hq', L', S) weights in the query's dtype.
+    """
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    num_rows, num_keys = query.shape[-2], key.shape[-2]
+    ndim = max(query.dim(), key.dim(), 0 if attn_mask is None else attn_mask.dim())
+    q, k = _with_ndim(query, ndim), _with_ndim(key, ndim)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        # SDPA repeats each key head for Hq // Hk consecutive query heads.
+        query_heads = torch.arange(q.shape[-3], device=q.device) if heads is None else heads
+        k = k.index_select(-3, query_heads // (q.shape[-3] // k.shape[-3]))
+    elif heads is not None:
+        k = _select_broadcast(k, -3, heads)
+    if heads is not None:
+        q = q.index_select(-3, heads)
+    if rows is not None:
+        q = q.index_select(-2, rows)
+    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1))
+    scores.mul_(scale)
+    if causal_offset is not None:
+        query_positions = torch.arange(num_rows, device=q.device) if rows is None else rows
+        key_positions = torch.arange(num_keys, device=q.device)
+        allowed = key_positions <= (query_positions + causal_offset)[:, None]
+        scores = scores.masked_fill(~allowed, -math.inf)
+    if attn_mask is not None:
+        mask = _with_ndim(attn_mask, ndim)
+        if heads is not None:
+            mask = _select_broadcast(mask, -3, heads)
+        if rows is not None:
+            mask = _select_broadcast(mask, -2, rows)
+        if mask.dtype == torch.bool:
+            scores = torch.where(mask, scores, -math.inf)
+        else:
+            scores = scores + mask.to(compute_dtype)
+    weights = torch.softmax(scores, dim=-1)
+    if attn_mask is not None or causal_offset is not None:
+        # PyTorch's kernels give a query with every key masked a zero output.
+        weights = weights.masked_fill(scores.amax(-1, keepdim=True) == -math.inf, 0)
+    return weights.to(query.dtype)
+
+
+def _with_ndim(tensor, ndim):
+    """`tensor` viewed with leading singleton axes up to `ndim` axes (broadcasting)."""
+    return tensor.reshape((1,) * (ndim - tensor.dim()) + tuple(tensor.shape))
+
+
+def _select_broadcast(tensor, dim, index):
+    """index_select on `dim`, unless that axis has size 1 and broadcasts."""
+    return tensor if tensor.shape[dim] == 1 else tensor.index_select(dim, index)
+
+
+def _validate_selection(selection, argument):
+    """`rows=`/`heads=` as given: None, an int, a slice or a sequence of ints."""
+    if selection is None or isinstance(selection, slice):
+        return selection
+    items = selection if _is_sequence(selection) else (selection,)
+    try:
+        indices = tuple(_index(item) for item in items)
+    except TypeError:
+        raise VisualizerError(
+            f"sdpa_capture: {argument} must be None, an int, a slice or a sequence of ints; "
+            f"got {selection!r} ({type(selection).__name__})"
+        ) from None
+    if not indices:
+        raise VisualizerError(
+            f"sdpa_capture: {argument} must select at least one index; got {selection!r}"
+        )
+    return indices
+
+
+def _is_sequence(value):
+    if isinstance(value, (str, bytes)) or getattr(value, "ndim", None) == 0:
+        return False
+    return hasattr(value, "__iter__")
+
+
+def _index(item):
+    if isinstance(item, bool) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
+        raise TypeError("a bool is not an index")
+    return operator.index(item)
+
+
+def _positions(selection, size, argument, axis, caller, device):
+    """The selected indices for an axis of `size`, as an int64 tensor on `device`."""
+    if selection is None:
+        return None
+    if isinstance(selection, slice):
+        positions = range(size)[selection]
+        if not positions:
+            raise VisualizerError(
+                f"sdpa_capture: {argument}={_describe(selection)} selects none of the {size} "
+                f"{axis} of the scaled_dot_product_attention call in {caller}"
+            )
+    else:
+        outside = [index for index in selection if not -size <= index < size]
+        if outside:
+            raise VisualizerError(
+                f"sdpa_capture: {argument}={_describe(selection)} is out of range for the {size} "
+                f"{axis} of the scaled_dot_product_attention call in {caller}; expected indices "
+                f"in [{-size}, {size}), got {outside}"
+            )
+        positions = [index % size for index in selection]
+    return torch.tensor(positions, dtype=torch.long, device=device)
+
+
+def _describe(selection):
+    if isinstance(selection, tuple) and len(selection) == 1:
+        return repr(selection[0])
+    return repr(list(selection) if isinstance(selection, tuple) else selection)
+
+
+def _is_skipped(frame):
+    if frame.f_code.co_name == "__torch_function__":
+        # Another mode or a tensor subclass passing the call on.
+        return True
+    module = frame.f_globals.get("__name__", "")
+    return any(module == name or module.startswith(name + ".") for name in _SKIPPED_MODULES)
+
+
+def _qualified_name(frame):
+    code = frame.f_code
+    if PY311:
+        return code.co_qualname
+    owner = frame.f_locals.get("self")
+    if owner is not None:
+        return f"{type(owner).__qualname__}.{code.co_name}"
+    return code.co_name
+
+
+def _remove_mode(mode):
+    """Take `mode` off this thread's torch function mode stack, wherever it is.
+
+    Modes entered after it (a user's own `with SomeMode():` still open) are
+    put back in their order, so their own exits still find them on top.
+    """
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(entry is mode for entry in stack):
+        return
+    above = []
+    while True:
+        top = torch.overrides._pop_mode()
+        if top is mode:
+            break
+        above.append(top)
+    for entry in reversed(above):
+        torch.overrides._push_mode(entry)
+
+
+sdpa_capture = SdpaCapture(get_local)
