@@ -284,43 +284,48 @@ class GetLocal:
             if store.fused_recorders and all(v is MISSING for v in found.values()):
                 warn_left_to_fused(key, names)
                 return
-            store.append(key, {name: keep(name, value) for name, value in found.items()})
+            entry = {}
+            for name, value in found.items():  # a loop, not a comprehension: the
+                entry[name] = keep(name, value)  # warnings' stack depth must not vary
+            store.append(key, entry)
 
         return record_several
 
-    def _warn_tracing(self, key):
-        if ("trace", key) in self._warned:
+    def _warn_once(self, token, message, calls_below_recorder):
+        """Warn about `token` (what, function[, name]) the first time only.
+
+        The warning points at the captured function: above this method, the
+        warn_* helper, `calls_below_recorder` frames, and the recorder.
+        """
+        if token in self._warned:
             return
-        self._warned.add(("trace", key))
-        warnings.warn(
+        self._warned.add(token)
+        warnings.warn(message, RuntimeWarning, stacklevel=4 + calls_below_recorder)
+
+    def _warn_tracing(self, key):
+        self._warn_once(
+            ("trace", key),
             f"get_local: {key} was captured while torch.jit.trace was tracing it; the traced "
             "module runs no Python code and will not capture when it is called",
-            RuntimeWarning,
-            stacklevel=3,
+            calls_below_recorder=1,  # keep()
         )
 
     def _warn_left_to_fused(self, key, names):
-        if ("fused", key) in self._warned:
-            return
-        self._warned.add(("fused", key))
-        warnings.warn(
+        self._warn_once(
+            ("fused", key),
             f"get_local: {', '.join(map(repr, names))} not bound when {key} returned while "
             "sdpa_capture was on: such calls are left to sdpa_capture, which records the "
             "attention weights of their scaled_dot_product_attention calls under the same key "
             "(warned once per function)",
-            RuntimeWarning,
-            stacklevel=3,
+            calls_below_recorder=0,
         )
 
     def _warn_missing(self, key, name):
-        if ("missing", key, name) in self._warned:
-            return
-        self._warned.add(("missing", key, name))
-        warnings.warn(
+        self._warn_once(
+            ("missing", key, name),
             f"get_local: {name!r} was not bound when {key} returned; its cache entry is "
             "visualizer.MISSING (warned once per function and name)",
-            RuntimeWarning,
-            stacklevel=3,
+            calls_below_recorder=1,  # keep()
         )
 
 

@@ -302,9 +302,19 @@ def test_unbound_name_is_missing_and_warned_once(gl):
             maybe = 1
         return 0
 
+    @gl("maybe", "other")
+    def g(flag):
+        other = 1
+        if flag:
+            maybe = 1
+        return 0
+
     gl.activate()
-    with pytest.warns(RuntimeWarning, match="'maybe' was not bound"):
+    with pytest.warns(RuntimeWarning, match="'maybe' was not bound") as caught:
         f(False)
+        g(False)
+    # The warnings point at the captured functions, not at the library.
+    assert [w.filename for w in caught] == [__file__, __file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         f(False)
