@@ -26,8 +26,8 @@ setup(
     install_requires=["bytecode>=0.16", "numpy>=1.21"],
     extras_require={
         "torch": ["torch>=2.1"],
-        "plot": ["matplotlib>=3.5"],
-        "all": ["torch>=2.1", "matplotlib>=3.5"],
+        "plot": ["matplotlib>=3.6"],
+        "all": ["torch>=2.1", "matplotlib>=3.6"],
         "test": [
             "pytest>=7",
             "hypothesis>=6",

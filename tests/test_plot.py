@@ -402,3 +402,10 @@ def test_cuda_bfloat16_tensors_with_grad():
     np.testing.assert_allclose(
         analysis.mean_attention_distance([attn]), analysis.mean_attention_distance([seen])
     )
+
+
+def test_mean_attention_distance_axes_show_whole_layers_from_zero():
+    fig = plot.plot_mean_attention_distance(np.array([[14.0, 15.0], [15.5, 16.0], [15.0, 16.5]]))
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [0, 1, 2]
+    assert ax.get_ylim()[0] == 0

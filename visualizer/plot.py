@@ -5,7 +5,9 @@ dtype, with or without grad), draws into new or given axes, and returns the
 ``matplotlib.figure.Figure``. Nothing here calls ``pyplot.show()`` or touches
 pyplot's global state: figures are built with ``matplotlib.figure.Figure``, so
 they work headless and are not kept alive by pyplot. In Jupyter, return the
-figure from a cell to display it; elsewhere use ``fig.savefig(...)``, or pass
+figure from a cell to display it (with the inline backend active: run
+``%matplotlib inline`` or import pyplot first); elsewhere use
+``fig.savefig(...)``, or pass
 ``ax=``/``fig=`` made with ``pyplot.subplots()`` to draw into a window.
 
 Overlays register attention with the image the model saw: pass the input
@@ -522,6 +524,10 @@ def plot_mean_attention_distance(distances, *, ax=None, title="Mean attention di
     layers = np.arange(array.shape[0])
     for head in range(array.shape[1]):
         ax.scatter(layers, array[:, head], s=14, label=f"head {head}")
+    ax.set_xticks(layers)  # whole layers, never fractional ticks
+    # From zero, so differences are drawn to scale: an axis zoomed to the
+    # data would make a 1 px spread look like a change of kind.
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_title(title)
