@@ -1,12 +1,12 @@
-"""Regenerate the README gallery: docs/gallery/*.png and docs/gallery.md.
+"""Regenerate the README gallery: docs/gallery/*.png and its README section.
 
-    python examples/make_gallery.py         # ~2 minutes on two CPU cores
+    python examples/make_gallery.py         # ~1 minute on two CPU cores
 
 Runs every example with its default settings (the mean-attention-distance and
 rollout examples on the walkthrough's checkpoint), copies the figures worth
-showing into docs/gallery/ and writes docs/gallery.md, the README's gallery
-section, with the measures the run printed: the captions cannot drift from
-the pictures.
+showing into docs/gallery/ and rewrites the README's gallery section (between
+its gallery markers) with the measures the run printed: the captions cannot
+drift from the pictures.
 """
 import shutil
 import sys
@@ -26,6 +26,8 @@ from examples import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 GALLERY = ROOT / "docs" / "gallery"
 COMMAND = "python examples/make_gallery.py"
+README = ROOT / "README.md"
+START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 
 
 def run_examples(work):
@@ -188,9 +190,18 @@ def main():
         GALLERY.mkdir(parents=True)
         for name, source, _ in items:
             shutil.copyfile(source, GALLERY / name)
-    (ROOT / "docs" / "gallery.md").write_text(markdown(items, results))
+    write_readme_section(markdown(items, results))
     size = sum(path.stat().st_size for path in GALLERY.iterdir())
-    print(f"wrote {len(items)} pictures to {GALLERY} ({size / 1e3:.0f} kB) and docs/gallery.md")
+    print(f"wrote {len(items)} pictures to {GALLERY} ({size / 1e3:.0f} kB) and README's gallery")
+
+
+def write_readme_section(section):
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"make_gallery: {README} lacks the markers {START} ... {END}")
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    README.write_text(f"{before}{START}\n{section}{END}{after}")
 
 
 if __name__ == "__main__":
