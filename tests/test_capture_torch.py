@@ -13,6 +13,9 @@ from visualizer.capture import GetLocal  # noqa: E402
 
 KEY = "Attention.forward"
 
+# torch 2.13 deprecates TorchScript; the tests here pin what it does while it exists.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
 
 @pytest.fixture
 def vit():
