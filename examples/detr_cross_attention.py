@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from examples.shapes_data import MEAN, SHAPES, STD, make_scenes  # noqa: E402
+from examples.train import training_setup  # noqa: E402
 from visualizer import analysis, get_local, plot  # noqa: E402
 
 IMAGE_SIZE = 48
@@ -141,13 +142,7 @@ def normalized_cxcywh(boxes):
 
 def train(model, steps, seed, batch_size=32, lr=2e-3, log_every=100):
     """Class cross-entropy plus box L1; query k is matched to the k-th object from the left."""
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1
-    )
-    model.train()
+    rng, optimizer, schedule = training_setup(model, steps, lr, seed)
     started = time.perf_counter()
     for step in range(1, steps + 1):
         scenes = make_scenes(batch_size, rng, image_size=IMAGE_SIZE, num_objects=NUM_OBJECTS)

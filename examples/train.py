@@ -48,6 +48,19 @@ def build_vit(seed=0):
     )
 
 
+def training_setup(model, steps, lr, seed):
+    """What every training loop here starts with: a seeded generator for the
+    drawn batches, AdamW and a one-cycle schedule, and the model in train mode."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1
+    )
+    model.train()
+    return rng, optimizer, schedule
+
+
 def train_vit(model, steps, seed=0, batch_size=64, lr=2e-3, log_every=50):
     """Train on fresh batches of drawn shapes; return the accuracy over the last logged steps.
 
@@ -63,13 +76,7 @@ def train_vit(model, steps, seed=0, batch_size=64, lr=2e-3, log_every=50):
             "train_vit: get_local capture is on, so training would keep every step's "
             "attention maps; call get_local.deactivate() first"
         )
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1
-    )
-    model.train()
+    rng, optimizer, schedule = training_setup(model, steps, lr, seed)
     correct, seen, started = 0, 0, time.perf_counter()
     for step in range(1, steps + 1):
         batch = make_shapes(batch_size, rng, image_size=IMAGE_SIZE)
