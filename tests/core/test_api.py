@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from visualizer import MISSING, VisualizerError, get_local, load_cache, save_cache
+from visualizer import MISSING, VisualizerError, load_cache, save_cache
 from visualizer.capture import GetLocal
 
 
