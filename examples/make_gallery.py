@@ -1,10 +1,10 @@
-"""Regenerate the README gallery: docs/gallery/*.png and its README section.
+"""Regenerate the README gallery: examples/gallery/*.png and its README section.
 
     python examples/make_gallery.py         # ~1 minute on two CPU cores
 
 Runs every example with its default settings (the mean-attention-distance and
 rollout examples on the walkthrough's checkpoint), copies the figures worth
-showing into docs/gallery/ and rewrites the README's gallery section (between
+showing into examples/gallery/ and rewrites the README's gallery section (between
 its gallery markers) with the measures the run printed: the captions cannot
 drift from the pictures.
 """
@@ -24,7 +24,7 @@ from examples import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-GALLERY = ROOT / "docs" / "gallery"
+GALLERY = ROOT / "examples" / "gallery"
 COMMAND = "python examples/make_gallery.py"
 README = ROOT / "README.md"
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
@@ -176,7 +176,7 @@ def markdown(items, results):
         "",
     ]
     for name, _, caption in items:
-        lines += [f"![{name[:-4]}](docs/gallery/{name})", "", caption, ""]
+        lines += [f"![{name[:-4]}](examples/gallery/{name})", "", caption, ""]
     lines += ["Printed by the examples in that run:", "", *measures(results), ""]
     return "\n".join(lines)
 
