@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from ._arrays import is_torch_tensor
 from ._errors import VisualizerError
 
 
@@ -114,13 +115,6 @@ def _dtype_name(dtype):
     return name
 
 
-def _torch_if_tensor(value):
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.Tensor):
-        return torch
-    return None
-
-
 # Values that cannot change after the call: stored as they are.
 IMMUTABLE_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
@@ -129,9 +123,8 @@ def snapshot(value, policy):
     """A copy of `value` that later in-place changes to it cannot alter."""
     if type(value) in IMMUTABLE_TYPES:
         return value
-    torch = _torch_if_tensor(value)
-    if torch is not None:
-        return _snapshot_tensor(torch, value, policy)
+    if is_torch_tensor(value):
+        return _snapshot_tensor(sys.modules["torch"], value, policy)
     if isinstance(value, np.ndarray):
         return np.array(value, dtype=policy.dtype, copy=True)
     if type(value) in (list, tuple):
@@ -260,9 +253,8 @@ def save_cache(cache, path):
             return {"missing": True}
         if value is None or isinstance(value, (bool, int, float, str)):
             return {"scalar": value}
-        torch = _torch_if_tensor(value)
-        if torch is not None:
-            value = _snapshot_tensor(torch, value, StoragePolicy())
+        if is_torch_tensor(value):
+            value = _snapshot_tensor(sys.modules["torch"], value, StoragePolicy())
         if isinstance(value, np.ndarray):
             if value.dtype == object:
                 raise VisualizerError(
