@@ -74,6 +74,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._compat import PY311
 from ._errors import VisualizerError
+from ._modes import remove_mode
 from .cache import StoragePolicy, snapshot
 from .capture import get_local
 
@@ -113,8 +114,8 @@ class SdpaCapture:
         Values are stored with the storage policy in force (`get_local.policy`).
         Calling it again while on changes `rows` and `heads`.
         """
-        rows = _validate_selection(rows, "rows")
-        heads = _validate_selection(heads, "heads")
+        rows = validate_selection(rows, "rows")
+        heads = validate_selection(heads, "heads")
         with self._owner._lock:
             self._rows, self._heads = rows, heads
             if self._mode is None:
@@ -124,12 +125,33 @@ class SdpaCapture:
                 self._owner._store.fused_recorders += 1
 
     def deactivate(self):
-        """Stop recording; SDPA calls run exactly as without this library."""
+        """Stop recording; SDPA calls run exactly as without this library.
+
+        Warns if torch functions ran while on but none was
+        `F.scaled_dot_product_attention`: nothing was recorded, because the
+        code that ran computes its attention another way.
+        """
+        self._switch_off(stacklevel=3)
+
+    def _switch_off(self, stacklevel):
         with self._owner._lock:
-            if self._mode is not None:
-                _remove_mode(self._mode)
-                self._mode = None
-                self._owner._store.fused_recorders -= 1
+            mode = self._mode
+            if mode is None:
+                return
+            remove_mode(mode)
+            self._mode = None
+            self._owner._store.fused_recorders -= 1
+        if mode.torch_calls and not mode.sdpa_calls:
+            warnings.warn(
+                f"sdpa_capture: {mode.torch_calls} torch function calls ran while it was on, none "
+                "of them F.scaled_dot_product_attention, so nothing was recorded: the code that "
+                "ran computes attention another way (an explicit softmax, e.g. a transformers "
+                "model loaded with attn_implementation='eager' or timm's fused_attn=False). Use "
+                "get_local on its attention function, or visualizer.capture_attention(model), "
+                "which captures every implementation",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
 
     @property
     def is_active(self):
@@ -153,8 +175,8 @@ class SdpaCapture:
             cache['Attention.forward'][layer]    # (B, H, 1, N)
         """
         policy = StoragePolicy(keep_on_device, dtype, max_entries)
-        rows = _validate_selection(rows, "rows")
-        heads = _validate_selection(heads, "heads")
+        rows = validate_selection(rows, "rows")
+        heads = validate_selection(heads, "heads")
         was_active, saved_rows, saved_heads = self.is_active, self._rows, self._heads
         with self._owner._store.scoped(policy) as fresh:
             try:
@@ -164,7 +186,8 @@ class SdpaCapture:
                 if was_active:
                     self._rows, self._heads = saved_rows, saved_heads
                 else:
-                    self.deactivate()
+                    # Above _switch_off: this generator, contextlib's __exit__, the user.
+                    self._switch_off(stacklevel=4)
 
     @property
     def cache(self):
@@ -177,7 +200,7 @@ class SdpaCapture:
     # cannot trace sys._getframe, and the recorded weights are not the graph's.
     @torch.compiler.disable
     def _record(self, args, kwargs):
-        query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(
+        query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = bind_sdpa_arguments(
             *args, **kwargs
         )
         caller = self._caller_key()
@@ -200,31 +223,18 @@ class SdpaCapture:
                 f"for {caller} are recomputed beside the fused kernel and are not part of the "
                 "model's autograd graph; they are stored without a graph",
             )
-        if self._heads is not None and query.dim() < 4:
-            raise VisualizerError(
-                f"sdpa_capture: heads={_describe(self._heads)} selects on the heads axis of a "
-                f"(B, H, L, E) query, but {caller} called scaled_dot_product_attention with a "
-                f"{query.dim()}-D query of shape {tuple(query.shape)}"
-            )
-        rows = _positions(self._rows, query.shape[-2], "rows", "query rows", caller, query.device)
-        heads = (
-            None
-            if self._heads is None
-            else _positions(
-                self._heads, query.shape[-3], "heads", "query heads", caller, query.device
-            )
+        weights = sdpa_weights(
+            query,
+            key,
+            attn_mask,
+            is_causal,
+            scale,
+            enable_gqa,
+            rows=self._rows,
+            heads=self._heads,
+            where=f"the scaled_dot_product_attention call in {caller}",
+            who="sdpa_capture",
         )
-        causal_offset = 0 if is_causal else None
-        if isinstance(attn_mask, CausalBias):
-            # The bias subclasses stand for a causal mask aligned top-left or
-            # bottom-right (the KV-cache convention): query i sees j <= i + offset.
-            lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
-            causal_offset = key.shape[-2] - query.shape[-2] if lower_right else 0
-            attn_mask = None
-        with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
-            weights = _attention_weights(
-                query, key, attn_mask, causal_offset, scale, enable_gqa, rows, heads
-            )
         store.append(caller, snapshot(weights, policy))
 
     def _caller_key(self):
@@ -260,28 +270,122 @@ class SdpaCapture:
         warnings.warn(message + " (warned once per function)", RuntimeWarning, stacklevel=2)
 
 
+def sdpa_weights(
+    query,
+    key,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    rows=None,
+    heads=None,
+    where="the scaled_dot_product_attention call",
+    who="sdpa_weights",
+):
+    """The attention weights an `F.scaled_dot_product_attention` call applies.
+
+    softmax(q·kᵀ·scale + mask) with SDPA's semantics (see the module
+    docstring), for the selected query rows and heads only, computed under
+    `torch.no_grad()` in float32 (float64 for float64 inputs).
+
+    Args:
+        query: (..., Hq, L, E); key: (..., Hk, S, E), as given to SDPA.
+        attn_mask, is_causal, scale, enable_gqa: as given to SDPA; attn_mask
+            may also be a `torch.nn.attention.bias.CausalBias`.
+        rows, heads: query rows / query heads to keep: None (all), an int, a
+            slice or a sequence of ints. An int keeps its axis.
+        where, who: name the call and the caller in error messages.
+
+    Returns:
+        (..., Hq', L', S) weights in the query's dtype.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+        >>> sdpa_weights(q, k, rows=0).shape
+        torch.Size([1, 2, 1, 5])
+    """
+    rows = validate_selection(rows, "rows", who)
+    heads = validate_selection(heads, "heads", who)
+    if heads is not None and query.dim() < 4:
+        raise VisualizerError(
+            f"{who}: heads={_describe(heads)} selects on the heads axis of a "
+            f"(B, H, L, E) query, but {where} has a {query.dim()}-D query of shape "
+            f"{tuple(query.shape)}"
+        )
+    row_positions = _positions(
+        rows, query.shape[-2], "rows", "query rows", where, who, query.device
+    )
+    head_positions = _positions(
+        heads, query.shape[-3] if heads is not None else 0, "heads", "query heads", where, who,
+        query.device,
+    )
+    causal_offset = 0 if is_causal else None
+    if isinstance(attn_mask, CausalBias):
+        # The bias subclasses stand for a causal mask aligned top-left or
+        # bottom-right (the KV-cache convention): query i sees j <= i + offset.
+        lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
+        causal_offset = key.shape[-2] - query.shape[-2] if lower_right else 0
+        attn_mask = None
+    with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+        return _attention_weights(
+            query, key, attn_mask, causal_offset, scale, enable_gqa, row_positions, head_positions
+        )
+
+
+def select_weights(weights, rows=None, heads=None, *, where="the attention", who="select_weights"):
+    """The selected query rows and heads of computed weights (..., H, Q, K).
+
+    The same selection `sdpa_weights` makes before computing, applied to
+    weights a model already formed (an eager softmax): a view-free copy of
+    only the kept rows. An int keeps its axis.
+
+    Example:
+        >>> select_weights(torch.rand(2, 3, 5, 5), rows=0, heads=[0, 2]).shape
+        torch.Size([2, 2, 1, 5])
+    """
+    rows = validate_selection(rows, "rows", who)
+    heads = validate_selection(heads, "heads", who)
+    if heads is not None:
+        positions = _positions(
+            heads, weights.shape[-3], "heads", "query heads", where, who, weights.device
+        )
+        weights = weights.index_select(-3, positions)
+    if rows is not None:
+        positions = _positions(
+            rows, weights.shape[-2], "rows", "query rows", where, who, weights.device
+        )
+        weights = weights.index_select(-2, positions)
+    return weights
+
+
 class _RecordingMode(TorchFunctionMode):
     """Runs every torch function as is; hands SDPA calls to the capture after."""
 
     def __init__(self, capture):
         super().__init__()
         self._capture = capture
+        # Counted so that switching off can tell "no SDPA ran" from "nothing ran".
+        self.torch_calls = 0
+        self.sdpa_calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.torch_calls += 1
         # The real call first, with the original arguments: the output is the
         # fused kernel's, and an invalid call raises torch's own error. Inside
         # this method torch has taken the mode off the stack, so neither this
         # call nor the recomputation comes back here.
         output = func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
+            self.sdpa_calls += 1
             self._capture._record(args, kwargs)
         elif func is F.multi_head_attention_forward and not kwargs.get("need_weights", True):
             self._capture._warn_unseen_multi_head_attention()
         return output
 
 
-def _sdpa_arguments(
+def bind_sdpa_arguments(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
 ):
     """Bind a call's arguments by SDPA's own signature."""
@@ -350,8 +454,12 @@ def _select_broadcast(tensor, dim, index):
     return tensor if tensor.shape[dim] == 1 else tensor.index_select(dim, index)
 
 
-def _validate_selection(selection, argument):
-    """`rows=`/`heads=` as given: None, an int, a slice or a sequence of ints."""
+def validate_selection(selection, argument, who="sdpa_capture"):
+    """`rows=`/`heads=` as given (None, an int, a slice or a sequence of ints), checked.
+
+    Returns None, the slice, or a tuple of ints; raises VisualizerError naming
+    `who` and the argument otherwise.
+    """
     if selection is None or isinstance(selection, slice):
         return selection
     items = selection if _is_sequence(selection) else (selection,)
@@ -359,12 +467,12 @@ def _validate_selection(selection, argument):
         indices = tuple(_index(item) for item in items)
     except TypeError:
         raise VisualizerError(
-            f"sdpa_capture: {argument} must be None, an int, a slice or a sequence of ints; "
+            f"{who}: {argument} must be None, an int, a slice or a sequence of ints; "
             f"got {selection!r} ({type(selection).__name__})"
         ) from None
     if not indices:
         raise VisualizerError(
-            f"sdpa_capture: {argument} must select at least one index; got {selection!r}"
+            f"{who}: {argument} must select at least one index; got {selection!r}"
         )
     return indices
 
@@ -381,7 +489,7 @@ def _index(item):
     return operator.index(item)
 
 
-def _positions(selection, size, argument, axis, caller, device):
+def _positions(selection, size, argument, axis, where, who, device):
     """The selected indices for an axis of `size`, as an int64 tensor on `device`."""
     if selection is None:
         return None
@@ -389,15 +497,15 @@ def _positions(selection, size, argument, axis, caller, device):
         positions = range(size)[selection]
         if not positions:
             raise VisualizerError(
-                f"sdpa_capture: {argument}={_describe(selection)} selects none of the {size} "
-                f"{axis} of the scaled_dot_product_attention call in {caller}"
+                f"{who}: {argument}={_describe(selection)} selects none of the {size} "
+                f"{axis} of {where}"
             )
     else:
         outside = [index for index in selection if not -size <= index < size]
         if outside:
             raise VisualizerError(
-                f"sdpa_capture: {argument}={_describe(selection)} is out of range for the {size} "
-                f"{axis} of the scaled_dot_product_attention call in {caller}; expected indices "
+                f"{who}: {argument}={_describe(selection)} is out of range for the {size} "
+                f"{axis} of {where}; expected indices "
                 f"in [{-size}, {size}), got {outside}"
             )
         positions = [index % size for index in selection]
@@ -426,25 +534,6 @@ def _qualified_name(frame):
     if owner is not None:
         return f"{type(owner).__qualname__}.{code.co_name}"
     return code.co_name
-
-
-def _remove_mode(mode):
-    """Take `mode` off this thread's torch function mode stack, wherever it is.
-
-    Modes entered after it (a user's own `with SomeMode():` still open) are
-    put back in their order, so their own exits still find them on top.
-    """
-    stack = torch.overrides._get_current_function_mode_stack()
-    if not any(entry is mode for entry in stack):
-        return
-    above = []
-    while True:
-        top = torch.overrides._pop_mode()
-        if top is mode:
-            break
-        above.append(top)
-    for entry in reversed(above):
-        torch.overrides._push_mode(entry)
 
 
 sdpa_capture = SdpaCapture(get_local)
