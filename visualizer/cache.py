@@ -151,11 +151,34 @@ def _snapshot_tensor(torch, tensor, policy):
     return tensor.to("cpu", dtype, copy=True).numpy()
 
 
+class CaptureCache(dict):
+    """The cache dict: key -> list of entries. Reading an empty list may warn.
+
+    An empty list under a function that is switched on is the sign of a
+    function that never ran (a model that took another code path); the store's
+    `on_empty_read(key)` is told, so the user hears why nothing is there.
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store):
+        super().__init__()
+        self._store = store
+
+    def __getitem__(self, key):
+        entries = dict.__getitem__(self, key)
+        if not entries and self._store.on_empty_read is not None:
+            self._store.on_empty_read(key)
+        return entries
+
+
 class CaptureStore:
     """The cache dict plus what guards it: the policy, a lock, drop counts."""
 
     def __init__(self):
-        self.cache = {}
+        # Called with a key whose empty list a user reads (see CaptureCache).
+        self.on_empty_read = None
+        self.cache = CaptureCache(self)
         self.dropped = {}
         self.policy = StoragePolicy()
         # How many fused-attention recorders (visualizer.fused) write here.
@@ -174,7 +197,7 @@ class CaptureStore:
         """
         with self._lock:
             saved = (self.cache, self.dropped, self.policy)
-            fresh = {}
+            fresh = CaptureCache(self)
             self.cache, self.dropped, self.policy = fresh, {}, policy
         try:
             yield fresh

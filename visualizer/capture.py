@@ -66,6 +66,7 @@ class GetLocal:
         # functions are re-created, and re-decorated, on every call.
         self._instrumented = {}
         self._warned = set()
+        self._store.on_empty_read = self._warn_not_called
 
     # -- decorating -------------------------------------------------------
 
@@ -163,6 +164,45 @@ class GetLocal:
             finally:
                 if not was_active:
                     self.deactivate()
+
+    def key_of(self, function):
+        """The cache key of a decorated function, or None if it is not decorated.
+
+        `function` may be the decorated object itself, a bound method, a
+        static/class method or a `functools.wraps` wrapper of it.
+        """
+        candidate = function
+        for _ in range(_MAX_WRAPPED_DEPTH):
+            if isinstance(candidate, (staticmethod, classmethod, types.MethodType)):
+                candidate = candidate.__func__
+            registration = (
+                self._registrations.get(candidate)
+                if isinstance(candidate, types.FunctionType)
+                else None
+            )
+            if registration is not None:
+                return registration.key
+            candidate = getattr(candidate, "__wrapped__", None)
+            if candidate is None:
+                return None
+        return None
+
+    @contextlib.contextmanager
+    def deferring_to_fused(self):
+        """A block in which another recorder captures fused-attention calls.
+
+        While inside, a decorated call whose names are all unbound (it took a
+        fused path such as timm's `fused_attn`) records nothing instead of
+        MISSING: the fused recorder records its map. `sdpa_capture` and
+        `capture_attention` use it.
+        """
+        with self._lock:
+            self._store.fused_recorders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._store.fused_recorders -= 1
 
     # -- the cache --------------------------------------------------------
 
@@ -314,9 +354,33 @@ class GetLocal:
         self._warn_once(
             ("fused", key),
             f"get_local: {', '.join(map(repr, names))} not bound when {key} returned while "
-            "sdpa_capture was on: such calls are left to sdpa_capture, which records the "
-            "attention weights of their scaled_dot_product_attention calls under the same key "
-            "(warned once per function)",
+            "a fused-attention recorder was on: such calls are left to sdpa_capture (which "
+            "records the attention weights of their scaled_dot_product_attention calls under "
+            "the same key) or capture_attention (under the module's path) (warned once per "
+            "function)",
+            calls_below_recorder=0,
+        )
+
+    def _warn_not_called(self, key):
+        """A user read an empty cache list: say why, if its function is switched on."""
+        if not self._active:
+            return
+        owners = [r.target for r in list(self._registrations.values()) if r.key == key]
+        if not owners:
+            return
+        hint = ""
+        if owners[0].__module__.startswith("transformers."):
+            hint = (
+                " transformers 5 loads most models with attn_implementation='sdpa', which never "
+                "calls its eager attention function: load the model with "
+                "attn_implementation='eager', or use visualizer.capture_attention(model), which "
+                "captures every implementation."
+            )
+        self._warn_once(
+            ("not called", key),
+            f"get_local: nothing was captured for {key}: it is switched on but has not returned "
+            f"since capture was switched on or the cache cleared, so the code that ran did not "
+            f"call it.{hint} (warned once per function)",
             calls_below_recorder=0,
         )
 
