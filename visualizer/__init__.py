@@ -8,9 +8,11 @@ from .cache import MISSING, StoragePolicy, load_cache, save_cache
 from .capture import get_local
 
 __all__ = [
+    "AttentionMaps",
     "MISSING",
     "StoragePolicy",
     "VisualizerError",
+    "capture_attention",
     "get_local",
     "load_cache",
     "save_cache",
@@ -19,10 +21,14 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The fused-attention capture needs torch; it is imported on first use so
-    # that `import visualizer` works on Pythons without torch.
+    # Fused and model-level capture need torch; they are imported on first use
+    # so that `import visualizer` works on Pythons without torch.
     if name == "sdpa_capture":
         from .fused import sdpa_capture
 
         return sdpa_capture
+    if name in ("capture_attention", "AttentionMaps"):
+        from . import attention
+
+        return getattr(attention, name)
     raise AttributeError(f"module 'visualizer' has no attribute {name!r}")

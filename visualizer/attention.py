@@ -1,0 +1,918 @@
+"""Attention maps of a whole model, one key per attention module: `capture_attention`.
+
+    with capture_attention(model) as maps:        # transformers, timm-style, MultiheadAttention
+        model(**inputs)                           # or model.generate(...)
+    list(maps)                                    # module paths, in forward order
+    maps['encoder.layer.0.attention.self']        # one (B, H, Q, K) array per call
+    maps.stack()                                  # (L, B, H, Q, K): what analysis and plot take
+
+The model is the unit, whatever computes its attention. While the recorder is
+on, every module of the model carries a forward pre-hook and an always-called
+forward hook; they keep a per-thread stack of the modules running, and put a
+`TorchFunctionMode` on the thread's mode stack while any of them runs. A map
+is then recorded under the module path (`model.named_modules()`) of the
+innermost module running when it is computed:
+
+- `F.scaled_dot_product_attention` (timm's `fused_attn`, transformers'
+  `attn_implementation="sdpa"`, directly or through transformers' attention
+  interface): the weights the kernel applied are recomputed beside it with
+  `fused.sdpa_weights` (SDPA's exact masking semantics), the kernel's output is
+  left as it is. transformers' single-token GQA packing (B, Hkv, n_rep, E) is
+  undone, so entries are always (B, H_query, Q, K).
+- an explicit softmax over the last axis of a 4-D tensor (B, H, Q, K)
+  (transformers' eager attention, timm's explicit path, Bloom, Falcon, MPT and
+  any model that writes its attention out): the probabilities themselves, never
+  the scores before them. A 3-D softmax (B*H, Q, K) is taken when the module
+  says its number of heads (`num_heads` and the like).
+- `nn.MultiheadAttention` and `nn.TransformerEncoderLayer`: their fast paths
+  (`torch._native_multi_head_attention`, `torch._transformer_encoder_layer_fwd`)
+  are taken only when no torch function mode is active, so the mode is taken off
+  the stack while they run (their output stays bit for bit the same) and the
+  weights are recomputed from the module's own inputs and projections.
+- a module whose `forward` carries `get_local(...)`: the first captured name,
+  when it is a (B, H, Q, K) tensor, is that call's map (the user said what the
+  attention is), in place of what the softmax or SDPA watch saw in the same call.
+
+Entries are post-softmax probabilities: rows sum to 1 over the keys that were
+not masked; a query row whose every key is masked is all zeros, which is what
+the kernels apply. `rows=` and `heads=` select query rows and query heads
+before the product on the recomputed paths (the CLS row of a DINOv2-size input
+costs O(N) per head, never N x N) and right after the softmax on eager paths.
+
+Calls: one entry per call of the module, in call order. Two forwards give two
+entries per key; `generate()` gives the prefill (B, H, L, L) and then one
+(B, H, 1, S) entry per new token, for every attention module.
+"""
+
+import fnmatch
+import inspect
+import sys
+import threading
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._errors import VisualizerError
+from ._modes import push_mode, remove_mode
+from .cache import MISSING, StoragePolicy, snapshot
+from .capture import get_local
+from .fused import bind_sdpa_arguments, sdpa_weights, select_weights, validate_selection
+
+_WHO = "capture_attention"
+
+_SOFTMAX_FUNCTIONS = frozenset(
+    {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
+)
+
+# Modules that choose a native fast path only when no torch function mode is
+# active (they check `has_torch_function`): the recording mode is off while
+# they run, so capture never changes which path they take.
+_FAST_PATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+# Module attributes that give the number of heads, for a 3-D (B*H, Q, K) softmax.
+_HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+# Names in a forward's code that mean a kernel this library cannot see.
+_UNSEEN_KERNELS = frozenset(
+    {
+        "memory_efficient_attention",
+        "flash_attn_func",
+        "flash_attn_varlen_func",
+        "flash_attn_qkvpacked_func",
+        "flash_attn_kvpacked_func",
+        "flash_attn_with_kvcache",
+    }
+)
+_SEEN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+# Top-level packages whose frames a warning skips to reach the user's code.
+_INTERNAL = frozenset({"visualizer", "torch", "contextlib", "transformers"})
+
+_MULTI_HEAD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+_FUNCTIONAL_MULTI_HEAD_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_ENCODER_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
+
+
+class AttentionMaps(dict):
+    """Module path -> list of (B, H, Q, K) maps, one per call, in call order.
+
+    Keys are names from `model.named_modules()`, in the order their modules
+    first computed attention (forward order). Values are numpy arrays, or
+    torch tensors with `keep_on_device=True`.
+
+    Attributes:
+        dropped: module path -> entries dropped by `max_entries`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = {}
+
+    def stack(self, modules=None, call=None):
+        """The maps of several modules as one (L, B, H, Q, K) array, in key order.
+
+        Args:
+            modules: a glob or list of globs over the keys (e.g. "encoder.*");
+                None takes every key.
+            call: which call of each module to take (e.g. -1 for the last
+                forward). None requires exactly one call per module, so layers
+                and calls are never confused.
+
+        Returns:
+            numpy array (or torch tensor for tensors kept on device) of shape
+            (L, B, H, Q, K), L the number of modules taken.
+        """
+        keys = list(self) if modules is None else _matching(list(self), _globs(modules, "stack"))
+        if not keys:
+            raise VisualizerError(
+                f"AttentionMaps.stack: no module to stack; modules={modules!r} matched none of "
+                f"the {len(self)} keys {list(self)[:6]}"
+            )
+        entries = []
+        for key in keys:
+            calls = dict.__getitem__(self, key)
+            if call is None:
+                if len(calls) != 1:
+                    raise VisualizerError(
+                        f"AttentionMaps.stack: {key!r} has {len(calls)} calls, expected one per "
+                        "module (several forwards, generate() or a module used twice); pass "
+                        "call=i to stack the i-th call of every module, e.g. call=-1 for the last"
+                    )
+                entries.append(calls[0])
+            else:
+                try:
+                    entries.append(calls[call])
+                except IndexError:
+                    raise VisualizerError(
+                        f"AttentionMaps.stack: call={call} is out of range for {key!r}, which has "
+                        f"{len(calls)} calls"
+                    ) from None
+        shapes = {tuple(entry.shape) for entry in entries}
+        if len(shapes) > 1:
+            described = ", ".join(f"{key}: {tuple(e.shape)}" for key, e in zip(keys, entries))
+            raise VisualizerError(
+                f"AttentionMaps.stack: the maps have different shapes and cannot be stacked "
+                f"({described}); select modules of one kind with modules='...', e.g. "
+                "modules='encoder.*'"
+            )
+        if isinstance(entries[0], np.ndarray):
+            return np.stack(entries)
+        return torch.stack(entries)
+
+    def __repr__(self):
+        parts = []
+        for key, calls in self.items():
+            shapes = sorted({tuple(entry.shape) for entry in calls})
+            shown = ", ".join(str(shape) for shape in shapes[:2]) + (
+                ", ..." if len(shapes) > 2 else ""
+            )
+            parts.append(f"  {key!r}: {len(calls)} x {shown}")
+        return "AttentionMaps({\n" + "\n".join(parts) + "\n})" if parts else "AttentionMaps({})"
+
+    def _append(self, key, entry, max_entries):
+        entries = self.get(key)
+        if entries is None:
+            entries = self.setdefault(key, [])
+        entries.append(entry)
+        if max_entries is not None and len(entries) > max_entries:
+            excess = len(entries) - max_entries
+            del entries[:excess]
+            self.dropped[key] = self.dropped.get(key, 0) + excess
+            return True
+        return False
+
+
+def capture_attention(
+    model,
+    modules=None,
+    rows=None,
+    heads=None,
+    *,
+    keep_on_device=False,
+    dtype=None,
+    max_entries=None,
+):
+    """Record the attention maps of every attention module of `model`.
+
+    Use it as a context manager, which yields the `AttentionMaps`:
+
+        with capture_attention(model, rows=0) as maps:   # CLS row only
+            model(pixel_values)
+        maps.stack()                                     # (L, B, H, 1, N)
+
+    or, around a training loop, `recorder = capture_attention(model)`,
+    `recorder.start()`, ..., `recorder.stop()`, with the maps in
+    `recorder.maps`.
+
+    Args:
+        model: a `torch.nn.Module`.
+        modules: a glob or list of globs over module paths
+            (`model.named_modules()` names, e.g. "encoder.*"): only these
+            modules record, and a map computed inside a submodule that is not
+            selected goes to its innermost selected ancestor. None finds the
+            attention modules itself (see the module docstring).
+        rows: query rows to keep: None (all), an int (0 is CLS), a slice or a
+            sequence of ints. An int keeps its axis: entries are (B, H, 1, K).
+        heads: query heads to keep, in the same forms.
+        keep_on_device, dtype, max_entries: how entries are stored (see
+            `visualizer.StoragePolicy`); `max_entries` bounds each module's list.
+
+    Returns:
+        An `AttentionRecorder`.
+
+    At the end (`stop()` or leaving the block) it warns if the model ran and
+    nothing was captured, saying what was searched; at the start it warns
+    about modules whose attention it cannot see (TorchScript, flash-attention
+    or xformers kernels, transformers implementations other than eager/sdpa).
+    """
+    return AttentionRecorder(
+        model,
+        modules=modules,
+        rows=rows,
+        heads=heads,
+        keep_on_device=keep_on_device,
+        dtype=dtype,
+        max_entries=max_entries,
+    )
+
+
+class AttentionRecorder:
+    """Hooks on a model's modules that record attention maps by module path.
+
+    Made by `capture_attention`; see there. `maps` is the `AttentionMaps`
+    being filled; `start()` and `stop()` switch recording on and off (a
+    `with` block does both). Recording can be started again after a stop; the
+    maps keep what they hold.
+    """
+
+    def __init__(
+        self,
+        model,
+        modules=None,
+        rows=None,
+        heads=None,
+        *,
+        keep_on_device=False,
+        dtype=None,
+        max_entries=None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise VisualizerError(
+                f"{_WHO}: model must be a torch.nn.Module; got {type(model).__qualname__}"
+            )
+        try:
+            self._policy = StoragePolicy(keep_on_device, dtype, max_entries)
+        except VisualizerError as error:
+            raise VisualizerError(str(error).replace("get_local:", f"{_WHO}:", 1)) from None
+        # Checked now, so a bad selection fails here and not inside the model.
+        self._rows = validate_selection(rows, "rows", _WHO)
+        self._heads = validate_selection(heads, "heads", _WHO)
+        self.model = model
+        self.maps = AttentionMaps()
+        self._paths = dict(model.named_modules())
+        self._paths_by_id = {id(module): path for path, module in self._paths.items()}
+        self._selected = self._select(modules)
+        self._modules_argument = modules
+        self._handles = []
+        self._wrapped = []  # callables that undo _wrap_forward
+        self._state = threading.local()
+        self._module_calls = 0
+        self._decorated = {}  # id(module) -> get_local key of its forward
+        self._defer = None
+        self._warned = set()
+
+    # -- switching --------------------------------------------------------
+
+    @property
+    def is_active(self):
+        """Whether the hooks are on."""
+        return bool(self._handles or self._wrapped)
+
+    def start(self):
+        """Put the hooks on the model's modules and start recording."""
+        if self.is_active:
+            raise VisualizerError(f"{_WHO}: this recorder is already started; stop() it first")
+        self._module_calls = 0
+        self._warn_unseen_modules()
+        inside_encoder_layers = set()
+        for path, module in self._paths.items():
+            if isinstance(module, nn.TransformerEncoderLayer):
+                # Its fast path is off as soon as it or any submodule has a
+                # hook: it is watched through its own forward instead.
+                inside_encoder_layers.update(id(m) for m in module.modules())
+                self._wrapped.append(_wrap_forward(module, self._enter, self._exit))
+        for path, module in self._paths.items():
+            if isinstance(module, torch.jit.ScriptModule) or id(module) in inside_encoder_layers:
+                continue
+            key = get_local.key_of(type(module).forward)
+            if key is not None:
+                self._decorated[id(module)] = key
+            self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self._handles.append(
+                module.register_forward_hook(self._exit_hook, with_kwargs=True, always_call=True)
+            )
+        self._defer = get_local.deferring_to_fused()
+        self._defer.__enter__()
+        return self
+
+    def stop(self):
+        """Take the hooks off; warn if the model ran and no attention was captured."""
+        self._stop(warn_if_empty=True)
+
+    def _stop(self, warn_if_empty):
+        if not self._handles and not self._wrapped:
+            return
+        for handle in self._handles:
+            handle.remove()
+        for unwrap in self._wrapped:
+            unwrap()
+        self._handles, self._wrapped = [], []
+        self._defer.__exit__(None, None, None)
+        self._decorated = {}
+        if warn_if_empty:
+            self._warn_if_empty()
+
+    def __enter__(self):
+        self.start()
+        return self.maps
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        # An error in the block says enough: no "nothing captured" on top of it.
+        self._stop(warn_if_empty=exc_type is None)
+
+    # -- which modules ----------------------------------------------------
+
+    def _select(self, modules):
+        if modules is None:
+            return set(self._paths)
+        globs = _globs(modules, _WHO)
+        unmatched = [glob for glob in globs if not _matching(self._paths, [glob])]
+        if unmatched:
+            raise VisualizerError(
+                f"{_WHO}: modules={unmatched[0]!r} matches none of the model's "
+                f"{len(self._paths)} module paths; expected a glob over names such as "
+                f"{[p for p in self._paths if p][:5]}"
+            )
+        return set(_matching(self._paths, globs))
+
+    def _warn_unseen_modules(self):
+        named = set()  # ids of a TorchScript module's submodules, of configs: named once
+        for path, module in self._paths.items():
+            if id(module) in named:
+                continue
+            if isinstance(module, torch.jit.ScriptModule):
+                named.update(id(m) for m in module.modules())
+            config = getattr(module, "config", None)
+            if config is not None:
+                if id(config) in named:
+                    continue
+                named.add(id(config))
+            reason = _unseen_reason(module)
+            if reason and path in self._selected:
+                self._warn_once(
+                    ("unseen", path),
+                    f"{_WHO}: module {path!r} ({type(module).__qualname__}) {reason}; its "
+                    "attention cannot be captured",
+                )
+
+    # -- hooks ------------------------------------------------------------
+
+    def _frames(self):
+        state = self._state
+        frames = getattr(state, "frames", None)
+        if frames is None:
+            frames = state.frames = []
+            state.mode = _AttentionMode(self)
+        return frames
+
+    def _enter(self, module, args, kwargs):
+        frames = self._frames()
+        state = self._state
+        self._module_calls += 1
+        if not frames:
+            push_mode(state.mode)
+        frame = _Frame(module, self._paths_by_id.get(id(module)))
+        if isinstance(module, _FAST_PATH_MODULES):
+            frame.suspended = remove_mode(state.mode)
+        key = self._decorated.get(id(module))
+        if key is not None:
+            frame.decorated_start = len(get_local.cache.get(key, ()))
+        frames.append(frame)
+
+    def _exit_hook(self, module, args, kwargs, output):
+        # torch calls always_call hooks from its `except` clause when the
+        # forward raised: then there is an exception being handled.
+        self._exit(module, args, kwargs, failed=sys.exc_info()[0] is not None)
+
+    def _exit(self, module, args, kwargs, failed):
+        frames = self._frames()
+        state = self._state
+        if not frames or frames[-1].module is not module:
+            return  # hooks put on while this module was already running
+        frame = frames.pop()
+        try:
+            if not failed:
+                if isinstance(module, nn.MultiheadAttention):
+                    self._record_multi_head(frames + [frame], module, args, kwargs)
+                elif isinstance(module, nn.TransformerEncoderLayer):
+                    self._record_encoder_layer(frames + [frame], module, args, kwargs)
+                key = self._decorated.get(id(module))
+                if key is not None and not frame.saw_attention and frame.path in self._selected:
+                    self._take_decorated(frame, key)
+                self._flush(frame)
+        finally:
+            if frame.suspended:
+                push_mode(state.mode)
+            if not frames:
+                remove_mode(state.mode)
+
+    # -- recording --------------------------------------------------------
+
+    def _owner(self, frames):
+        """The innermost running module that records: its frame, or None."""
+        for frame in reversed(frames):
+            if frame.path in self._selected and not isinstance(frame.module, nn.Softmax):
+                return frame
+        return None
+
+    def _record(self, frames, compute):
+        """Keep `compute(where)`, a (B, H, Q, K) map, for the module that owns it.
+
+        `frames` are the running module calls, innermost last. Nothing is
+        computed when no running module records (not selected by modules=).
+        The map is snapshotted now: the model may change its softmax output in
+        place later (an in-place dropout).
+        """
+        for frame in frames:
+            frame.saw_attention = True
+        owner = self._owner(frames)
+        if owner is not None:
+            weights = compute(f"the attention computed in module {owner.path!r}")
+            owner.records.append(snapshot(weights, self._policy))
+
+    def _flush(self, frame):
+        for entry in frame.records:
+            if self.maps._append(frame.path, entry, self._policy.max_entries):
+                self._warn_once(
+                    ("bound", frame.path),
+                    f"{_WHO}: the maps of {frame.path!r} hold at most "
+                    f"{self._policy.max_entries} entries (max_entries); older entries are "
+                    "dropped, counted in maps.dropped",
+                )
+
+    def _softmax(self, args, kwargs, output):
+        frames = self._state.frames
+        if not frames or not isinstance(output, torch.Tensor):
+            return
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None or output.dim() not in (3, 4) or dim not in (-1, output.dim() - 1):
+            return
+        if output.dim() == 3:
+            heads = _head_count(frames[-1].module)
+            if heads is None or output.shape[0] % heads:
+                return
+            output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
+        self._record(
+            frames,
+            lambda where: select_weights(
+                output.detach(), self._rows, self._heads, where=where, who=_WHO
+            ),
+        )
+
+    def _sdpa(self, args, kwargs):
+        frames = self._state.frames
+        if not frames:
+            return
+        query, key, attn_mask, _, is_causal, scale, enable_gqa = bind_sdpa_arguments(
+            *args, **kwargs
+        )
+        if query.dim() < 3:
+            return
+        query, attn_mask, enable_gqa = _unpack_grouped_query(
+            frames[-1].module, query, key, attn_mask, enable_gqa
+        )
+        self._record(
+            frames,
+            lambda where: sdpa_weights(
+                query,
+                key,
+                attn_mask,
+                is_causal,
+                scale,
+                enable_gqa,
+                rows=self._rows,
+                heads=self._heads,
+                where=where,
+                who=_WHO,
+            ),
+        )
+
+    def _functional_multi_head(self, args, kwargs):
+        """F.multi_head_attention_forward called by a model's own code."""
+        frames = self._state.frames
+        if not frames:
+            return
+        bound = _FUNCTIONAL_MULTI_HEAD_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        separate = a["use_separate_proj_weight"]
+        self._record(
+            frames,
+            lambda where: _multi_head_weights(
+                a["query"],
+                a["key"],
+                a["num_heads"],
+                a["in_proj_weight"],
+                a["in_proj_bias"],
+                a["bias_k"],
+                a["add_zero_attn"],
+                a["key_padding_mask"],
+                a["attn_mask"],
+                a["q_proj_weight"] if separate else None,
+                a["k_proj_weight"] if separate else None,
+                a["static_k"],
+                self._rows,
+                self._heads,
+                where,
+            ),
+        )
+
+    def _record_multi_head(self, frames, module, args, kwargs):
+        bound = _MULTI_HEAD_SIGNATURE.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        query, key = a["query"], a["key"]
+        if query.is_nested or key.is_nested:
+            self._warn_nested(frames[-1].path)
+            return
+        self._record(
+            frames,
+            lambda where: self._module_weights(
+                module, query, key, a["key_padding_mask"], a["attn_mask"], where
+            ),
+        )
+
+    def _record_encoder_layer(self, frames, layer, args, kwargs):
+        """Its self-attention, from its input: the fast path never calls `self_attn`."""
+        bound = _ENCODER_LAYER_SIGNATURE.bind(layer, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        source = a["src"]
+        if source.is_nested:
+            self._warn_nested(frames[-1].path)
+            return
+        if layer.norm_first:
+            norm = layer.norm1
+            with torch.no_grad():
+                source = F.layer_norm(
+                    source, norm.normalized_shape, norm.weight, norm.bias, norm.eps
+                )
+        # Recorded as if the self_attn module had run, under its own path.
+        attention = _Frame(layer.self_attn, self._paths_by_id.get(id(layer.self_attn)))
+        self._record(
+            frames + [attention],
+            lambda where: self._module_weights(
+                layer.self_attn, source, source, a["src_key_padding_mask"], a["src_mask"], where
+            ),
+        )
+        self._flush(attention)
+
+    def _module_weights(self, module, query, key, key_padding_mask, attn_mask, where):
+        """The weights of an `nn.MultiheadAttention` call, from its inputs and projections."""
+        if module.batch_first and query.dim() == 3:
+            query, key = query.transpose(0, 1), key.transpose(0, 1)
+        separate = not module._qkv_same_embed_dim
+        return _multi_head_weights(
+            query,
+            key,
+            module.num_heads,
+            module.in_proj_weight,
+            module.in_proj_bias,
+            module.bias_k,
+            module.add_zero_attn,
+            key_padding_mask,
+            attn_mask,
+            module.q_proj_weight if separate else None,
+            module.k_proj_weight if separate else None,
+            None,
+            self._rows,
+            self._heads,
+            where,
+        )
+
+    def _take_decorated(self, frame, key):
+        """A get_local-decorated forward that ran no softmax or SDPA: what get_local captured.
+
+        Read, not taken, from `get_local.cache` (its entries stay the user's),
+        and only while get_local is on: the first captured name of each call,
+        when it is a (B, H, Q, K) tensor or array, is that call's map.
+        """
+        if not get_local.is_activate:
+            self._warn_once(
+                ("decorated off", key),
+                f"{_WHO}: module {frame.path!r} computed no softmax or SDPA attention; its "
+                f"forward {key} is decorated with get_local, which is off. Switch it on "
+                "(get_local.activate()) and capture_attention records what it captures",
+            )
+            return
+        for entry in get_local.cache.get(key, [])[frame.decorated_start :]:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            if getattr(value, "ndim", None) == 4:
+                value = torch.as_tensor(value)
+                where = f"the attention computed in module {frame.path!r}"
+                selected = select_weights(value, self._rows, self._heads, where=where, who=_WHO)
+                frame.records.append(snapshot(selected, self._policy))
+            elif value is not MISSING:
+                self._warn_once(
+                    ("decorated", key),
+                    f"{_WHO}: {key} is decorated with get_local, but its first captured name "
+                    f"held {_describe_value(value)}, not a (B, H, Q, K) attention map; nothing "
+                    f"was recorded for {frame.path!r}",
+                )
+
+    # -- warnings ---------------------------------------------------------
+
+    def _warn_once(self, token, message):
+        if token in self._warned:
+            return
+        self._warned.add(token)
+        _warn(message)
+
+    def _warn_nested(self, path):
+        self._warn_once(
+            ("nested", path),
+            f"{_WHO}: module {path!r} ran on nested tensors (nn.TransformerEncoder's fast path "
+            "with src_key_padding_mask, in eval without grad); its attention was not "
+            "recorded. Build the encoder with enable_nested_tensor=False to capture it",
+        )
+
+    def _warn_if_empty(self):
+        if self.maps:
+            return
+        if self._module_calls == 0:
+            message = (
+                f"{_WHO}: nothing was captured: no module of the "
+                f"{type(self.model).__qualname__} ran while recording (call the model inside "
+                "the block)"
+            )
+        else:
+            scope = (
+                f"all {len(self._paths)} modules"
+                if self._modules_argument is None
+                else f"the {len(self._selected)} modules matching modules="
+                f"{self._modules_argument!r}"
+            )
+            unseen = [
+                p for p in self._paths if p in self._selected and _unseen_reason(self._paths[p])
+            ]
+            message = (
+                f"{_WHO}: the {type(self.model).__qualname__} ran ({self._module_calls} module "
+                f"calls) but no attention was captured. Searched {scope} for "
+                "F.scaled_dot_product_attention calls, softmax over the last axis of a "
+                "(B, H, Q, K) tensor, nn.MultiheadAttention / nn.TransformerEncoderLayer, "
+                "F.multi_head_attention_forward and forwards decorated with get_local; none ran"
+                + (f". Modules whose attention cannot be seen: {unseen[:5]}" if unseen else "")
+            )
+        _warn(message)
+
+
+class _Frame:
+    """One running module call: where its maps go and what it recorded so far."""
+
+    __slots__ = ("module", "path", "records", "suspended", "decorated_start", "saw_attention")
+
+    def __init__(self, module, path):
+        self.module = module
+        self.path = path
+        self.records = []  # entries recorded for this module during this call
+        self.suspended = False  # whether this call took the mode off the stack
+        self.decorated_start = 0  # get_local entries of its forward before the call
+        self.saw_attention = False  # any map computed during this call, for any module
+
+
+def _wrap_forward(module, enter, exit):
+    """Call enter/exit around `module`'s forward without a hook; return the undo.
+
+    For `nn.TransformerEncoderLayer`, which leaves its fast path when it or a
+    submodule has any hook. The wrapper is an instance attribute, which
+    `Module.__call__` uses in place of the class's forward.
+    """
+    previous = module.__dict__.get("forward")
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        enter(module, args, kwargs)
+        try:
+            output = original(*args, **kwargs)
+        except BaseException:
+            exit(module, args, kwargs, failed=True)
+            raise
+        exit(module, args, kwargs, failed=False)
+        return output
+
+    module.forward = forward
+
+    def undo():
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+    return undo
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Runs every torch function unchanged; shows attention calls to the recorder after."""
+
+    def __init__(self, recorder):
+        super().__init__()
+        self._recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # The real call first: the model's output is exactly what it computes.
+        # Inside this method torch has taken the mode off the stack, so the
+        # recomputation below does not come back here.
+        output = func(*args, **kwargs)
+        if func in _SOFTMAX_FUNCTIONS:
+            self._recorder._softmax(args, kwargs, output)
+        elif func is F.scaled_dot_product_attention:
+            self._recorder._sdpa(args, kwargs)
+        elif func is F.multi_head_attention_forward:
+            self._recorder._functional_multi_head(args, kwargs)
+        return output
+
+
+def _warn(message):
+    """A RuntimeWarning pointing at the user's code: the first frame outside this
+    library, torch, transformers and contextlib (hooks run deep inside Module.__call__)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level + 1)
+
+
+def _multi_head_weights(
+    query,
+    key,
+    num_heads,
+    in_proj_weight,
+    in_proj_bias,
+    bias_k,
+    add_zero_attn,
+    key_padding_mask,
+    attn_mask,
+    q_proj_weight,
+    k_proj_weight,
+    static_k,
+    rows,
+    heads,
+    where,
+):
+    """The weights `F.multi_head_attention_forward` applies, as (B, H, L', S).
+
+    Follows that function: sequence-first (L, B, E) inputs (or unbatched
+    (L, E)), packed or separate projections, `bias_k` and `add_zero_attn`
+    appended keys, boolean masks meaning "masked" (True) or additive float
+    masks, `attn_mask` (L, S) or (B*H, L, S), `key_padding_mask` (B, S).
+    Unbatched inputs give B = 1.
+    """
+    with torch.no_grad():
+        if query.dim() == 2:
+            query, key = query.unsqueeze(1), key.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+            if attn_mask is not None and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+        length, batch, embed = query.shape
+        head_dim = embed // num_heads
+        if q_proj_weight is None:
+            q_proj_weight, k_proj_weight, _ = in_proj_weight.chunk(3)
+        q_bias, k_bias = (None, None) if in_proj_bias is None else in_proj_bias.chunk(3)[:2]
+        q = F.linear(query, q_proj_weight, q_bias)
+        q = q.reshape(length, batch, num_heads, head_dim).permute(1, 2, 0, 3)
+        if static_k is not None:
+            k = static_k.reshape(batch, num_heads, -1, head_dim)
+        else:
+            k = F.linear(key, k_proj_weight, k_bias)
+            if bias_k is not None:
+                k = torch.cat([k, bias_k.expand(1, batch, embed)])
+            k = k.reshape(k.shape[0], batch, num_heads, head_dim).permute(1, 2, 0, 3)
+        if add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, num_heads, 1, head_dim)], dim=2)
+        keys = k.shape[2]
+        mask = None
+        if attn_mask is not None:
+            mask = _additive(attn_mask, q.dtype)
+            mask = mask.reshape(batch, num_heads, length, -1) if mask.dim() == 3 else mask
+            mask = F.pad(mask, (0, keys - mask.shape[-1]))
+        if key_padding_mask is not None:
+            padding = _additive(key_padding_mask, q.dtype).reshape(batch, 1, 1, -1)
+            padding = F.pad(padding, (0, keys - padding.shape[-1]))
+            mask = padding if mask is None else mask + padding
+        return sdpa_weights(q, k, mask, rows=rows, heads=heads, where=where, who=_WHO)
+
+
+def _additive(mask, dtype):
+    """A mask as F.multi_head_attention_forward reads it: bool True = -inf, float added."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def _unpack_grouped_query(module, query, key, attn_mask, enable_gqa):
+    """Undo transformers' `pack_gqa`: a decoding step's (B, Hkv, n_rep, E) query.
+
+    transformers runs a single-token step of a grouped-query model as
+    (B, Hkv, n_rep, E) queries against (B, Hkv, S, E) keys; query head
+    kv * n_rep + r is row r of key head kv. Unpacked, it is (B, H, 1, E) with
+    SDPA's `enable_gqa`, so entries are (B, H, 1, S) like every other call.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    kv_heads = getattr(getattr(module, "config", None), "num_key_value_heads", None)
+    if (
+        not isinstance(groups, int)
+        or groups <= 1
+        or query.dim() != 4
+        or enable_gqa
+        or query.shape[1] != kv_heads
+        or key.shape[1] != kv_heads
+        or query.shape[2] != groups
+    ):
+        return query, attn_mask, enable_gqa
+    batch, _, _, dim = query.shape
+    query = query.reshape(batch, kv_heads * groups, 1, dim)
+    if (
+        isinstance(attn_mask, torch.Tensor)
+        and attn_mask.dim() == 4
+        and attn_mask.shape[1] == kv_heads
+        and attn_mask.shape[2] == groups
+    ):
+        attn_mask = attn_mask.reshape(attn_mask.shape[0], kv_heads * groups, 1, -1)
+    return query, attn_mask, True
+
+
+def _head_count(module):
+    for name in _HEAD_COUNT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _unseen_reason(module):
+    """Why the attention of `module` cannot be seen, or None."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return "is TorchScript, which runs no Python code"
+    config = getattr(module, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if isinstance(implementation, str) and implementation not in _SEEN_IMPLEMENTATIONS:
+        return (
+            f"runs attn_implementation={implementation!r}, a kernel that is not "
+            "F.scaled_dot_product_attention and never forms the weights; load the model with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+    forward = getattr(type(module), "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is not None:
+        names = set(code.co_names)
+        for constant in code.co_consts:
+            names.update(getattr(constant, "co_names", ()))
+        kernels = sorted(names & _UNSEEN_KERNELS)
+        if kernels:
+            return (
+                f"calls {kernels[0]} (flash-attn or xformers), a kernel that is not "
+                "F.scaled_dot_product_attention and never forms the weights"
+            )
+    return None
+
+
+def _globs(modules, who):
+    globs = [modules] if isinstance(modules, str) else modules
+    try:
+        globs = list(globs)
+    except TypeError:
+        globs = None
+    if not globs or not all(isinstance(glob, str) for glob in globs):
+        raise VisualizerError(
+            f"{who}: modules must be a glob or a non-empty list of globs over module paths, "
+            f"e.g. 'encoder.*'; got {modules!r}"
+        )
+    return globs
+
+
+def _matching(paths, globs):
+    return [path for path in paths if any(fnmatch.fnmatchcase(path, glob) for glob in globs)]
+
+
+def _describe_value(value):
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"a {type(value).__name__} of shape {tuple(shape)}"
+    return f"a {type(value).__name__}"
