@@ -8,13 +8,17 @@ download) and trained for a few seconds on the drawn shapes, so its maps mean
 something. Its attention is captured two ways, neither touching transformers'
 source:
 
-1. eager attention: `get_local('attn_weights')` applied in place to
-   `transformers.models.vit.modeling_vit.eager_attention_forward`. It swaps
-   the function's code, so the reference transformers already holds captures.
-2. `attn_implementation="sdpa"`: the fused kernel never forms the weights;
-   `visualizer.fused.sdpa_capture` recomputes them from each
-   `F.scaled_dot_product_attention` call's q and k (`rows=0` for the CLS row
-   only), keyed by the calling module's forward, 'ViTAttention.forward'.
+1. `capture_attention(model)`: the model is the unit. It finds the attention
+   modules itself and keys each map by its module path ('vit.layers.0.attention',
+   ...), whatever implementation the model was loaded with. transformers 5 loads
+   models with `attn_implementation="sdpa"` by default: the fused kernel never
+   forms the weights, and they are recomputed beside each
+   `F.scaled_dot_product_attention` call (`rows=0` for the CLS row only).
+2. `get_local('attn_weights')` applied in place to
+   `transformers.models.vit.modeling_vit.eager_attention_forward`, the function
+   the EAGER implementation calls: it swaps the function's code, so the
+   reference transformers already holds captures. A model loaded with "sdpa"
+   never calls it; reading its empty cache entry then says so.
 
 It prints the largest difference of each capture from transformers' own
 `output_attentions` (computed by the eager model: the correctness check), and
@@ -41,8 +45,7 @@ from examples.train import (  # noqa: E402
     object_share,
     train_vit,
 )
-from visualizer import get_local, plot  # noqa: E402
-from visualizer.fused import sdpa_capture  # noqa: E402
+from visualizer import capture_attention, get_local, plot  # noqa: E402
 
 CONFIG = dict(
     image_size=IMAGE_SIZE,
@@ -56,7 +59,6 @@ CONFIG = dict(
     attention_probs_dropout_prob=0.0,
 )
 GRID = (IMAGE_SIZE // PATCH_SIZE, IMAGE_SIZE // PATCH_SIZE)
-FUSED_KEY = "ViTAttention.forward"  # the module whose forward calls SDPA
 EAGER_KEY = "eager_attention_forward"
 DPI = 90
 
@@ -77,11 +79,12 @@ def build(implementation, seed):
     return ViTForImageClassification(ViTConfig(**CONFIG, attn_implementation=implementation)).eval()
 
 
-def fused_share(model, batch):
+def cls_share(model, batch):
     """Object share of the last layer's CLS row, captured from the fused kernel."""
-    with sdpa_capture.capture(rows=0) as cache, torch.no_grad():
+    with capture_attention(model, rows=0) as maps, torch.no_grad():
         logits = model(pixel_values=batch.images).logits
-    return object_share(cache[FUSED_KEY][-1], logits, batch, GRID)  # (B, H, 1, N) rows
+    last_layer = list(maps)[-1]
+    return object_share(maps[last_layer][0], logits, batch, GRID)  # (B, H, 1, N) rows
 
 
 def max_difference(captured, reference):
@@ -103,34 +106,37 @@ def main(argv=None):
 
     batch = evaluation_batch()
     model = build("sdpa", args.seed)
-    before = fused_share(model, batch)
+    before = cls_share(model, batch)
     print(f"random weights: {before}")
     print(f"training the Hugging Face ViT (sdpa) for {args.steps} steps")
     train_vit(Logits(model), args.steps, seed=args.seed)
-    after = fused_share(model, batch)
+    after = cls_share(model, batch)
     print(f"trained: {after}")
 
     # The reference: transformers' own weights, from the eager implementation.
     eager = build("eager", args.seed)
     eager.load_state_dict(model.state_dict())
     images = batch.images[:16]
+    with torch.no_grad():
+        reference = eager(pixel_values=images, output_attentions=True).attentions
 
-    # 1. Instrument transformers' eager attention function in place.
+    # 1. The whole model, as loaded ("sdpa"): one key per attention module.
+    with capture_attention(model) as maps, torch.no_grad():
+        model(pixel_values=images)
+    fused_maps = [entries[0] for entries in maps.values()]
+    fused_difference = max_difference(fused_maps, reference)
+
+    # 2. transformers' eager attention function, instrumented in place: only a
+    #    model loaded with attn_implementation="eager" calls it.
     get_local("attn_weights")(modeling_vit.eager_attention_forward)
     with get_local.capture() as cache, torch.no_grad():
-        reference = eager(pixel_values=images, output_attentions=True).attentions
+        eager(pixel_values=images)
     eager_maps = cache[EAGER_KEY]  # one (B, H, N, N) array per layer
     eager_difference = max_difference(eager_maps, reference)
-
-    # 2. The fused path: the weights SDPA applied, recomputed for the record.
-    with sdpa_capture.capture() as cache, torch.no_grad():
-        model(pixel_values=images)
-    fused_maps = cache[FUSED_KEY]
-    fused_difference = max_difference(fused_maps, reference)
     print(
-        f"{len(eager_maps)} layers of {eager_maps[0].shape} maps; largest difference from "
-        f"output_attentions: eager capture {eager_difference:.1e}, "
-        f"sdpa capture {fused_difference:.1e}"
+        f"{len(maps)} attention modules {list(maps)} of {fused_maps[0].shape} maps; largest "
+        f"difference from output_attentions: capture_attention on the sdpa model "
+        f"{fused_difference:.1e}, get_local on eager_attention_forward {eager_difference:.1e}"
     )
 
     index, last = args.image, len(fused_maps) - 1

@@ -123,7 +123,7 @@ def entries(results):
             "huggingface_sdpa.png",
             figure["hf_cls_attention_sdpa.png"],
             (
-                f'transformers ViT, attn_implementation="sdpa", fused capture: '
+                f'transformers ViT, attn_implementation="sdpa", capture_attention: '
                 f"{hf['after'].on_object:.0%} of CLS attention on the object (random weights "
                 f"{hf['before'].on_object:.0%})."
             ),
@@ -159,7 +159,7 @@ def measures(results):
         (
             f"- Hugging Face ViT: captured maps differ from `output_attentions` by "
             f"{hf['eager_difference']:.1e} (eager, instrumented in place) and "
-            f"{hf['fused_difference']:.1e} (sdpa, fused capture)."
+            f"{hf['fused_difference']:.1e} (sdpa, capture_attention)."
         ),
     ]
 
