@@ -732,3 +732,23 @@ def test_three_dimensional_softmax_is_split_by_the_modules_head_count():
     with capture_attention(model) as maps:
         expected = model(q, k)
     assert_close(maps[""][0], expected.reshape(3, 2, 3, 5))
+
+
+class ChangesItsMapInPlace(nn.Module):
+    """Uses its softmax output, then overwrites it in place (as an in-place dropout would)."""
+
+    def forward(self, q, k, v):
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        out = attn @ v
+        attn.zero_()
+        return out
+
+
+@pytest.mark.parametrize("rows", [None, 0])
+def test_entries_are_snapshots_of_the_models_tensors(rows):
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    model = ChangesItsMapInPlace()
+    with capture_attention(model, rows=rows) as maps:
+        model(q, k, v)
+    expected = (q @ k.transpose(-2, -1)).softmax(-1)
+    assert_close(maps[""][0], expected if rows is None else expected[:, :, :1])

@@ -58,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._errors import VisualizerError
 from ._modes import push_mode, remove_mode
+from ._ranks import captures_here, validate_ranks
 from .cache import MISSING, StoragePolicy, snapshot
 from .capture import get_local
 from .fused import bind_sdpa_arguments, sdpa_weights, select_weights, validate_selection
@@ -195,6 +196,7 @@ def capture_attention(
     keep_on_device=False,
     dtype=None,
     max_entries=None,
+    ranks=None,
 ):
     """Record the attention maps of every attention module of `model`.
 
@@ -220,6 +222,11 @@ def capture_attention(
         heads: query heads to keep, in the same forms.
         keep_on_device, dtype, max_entries: how entries are stored (see
             `visualizer.StoragePolicy`); `max_entries` bounds each module's list.
+        ranks: record only in these processes of a torch.distributed job
+            (None: every process); elsewhere no hook is put on and the maps
+            stay empty. A model wrapped in DistributedDataParallel or
+            DataParallel is recorded through its `.module`: keys carry no
+            "module." prefix.
 
     Returns:
         An `AttentionRecorder`.
@@ -237,6 +244,7 @@ def capture_attention(
         keep_on_device=keep_on_device,
         dtype=dtype,
         max_entries=max_entries,
+        ranks=ranks,
     )
 
 
@@ -259,6 +267,7 @@ class AttentionRecorder:
         keep_on_device=False,
         dtype=None,
         max_entries=None,
+        ranks=None,
     ):
         if not isinstance(model, nn.Module):
             raise VisualizerError(
@@ -271,12 +280,19 @@ class AttentionRecorder:
         # Checked now, so a bad selection fails here and not inside the model.
         self._rows = validate_selection(rows, "rows", _WHO)
         self._heads = validate_selection(heads, "heads", _WHO)
+        self._ranks = validate_ranks(ranks, _WHO)
         self.model = model
         self.maps = AttentionMaps()
+        # A data-parallel wrapper's only child is the model: keys without
+        # its "module." prefix, the same on one process and on many.
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         self._paths = dict(model.named_modules())
         self._paths_by_id = {id(module): path for path, module in self._paths.items()}
         self._selected = self._select(modules)
         self._modules_argument = modules
+        self._started = False
+        self._here = False  # whether this process records (ranks=)
         self._handles = []
         self._wrapped = []  # callables that undo _wrap_forward
         self._state = threading.local()
@@ -289,13 +305,17 @@ class AttentionRecorder:
 
     @property
     def is_active(self):
-        """Whether the hooks are on."""
+        """Whether the hooks are on (never in a process that `ranks` leaves out)."""
         return bool(self._handles or self._wrapped)
 
     def start(self):
         """Put the hooks on the model's modules and start recording."""
-        if self.is_active:
+        if self._started:
             raise VisualizerError(f"{_WHO}: this recorder is already started; stop() it first")
+        self._started = True
+        self._here = captures_here(self._ranks, _WHO)
+        if not self._here:
+            return self
         self._module_calls = 0
         self._warn_unseen_modules()
         inside_encoder_layers = set()
@@ -324,7 +344,8 @@ class AttentionRecorder:
         self._stop(warn_if_empty=True)
 
     def _stop(self, warn_if_empty):
-        if not self._handles and not self._wrapped:
+        started, self._started = self._started, False
+        if not started or not self._here:
             return
         for handle in self._handles:
             handle.remove()
@@ -439,20 +460,22 @@ class AttentionRecorder:
                 return frame
         return None
 
-    def _record(self, frames, compute):
+    def _record(self, frames, compute, owned):
         """Keep `compute(where)`, a (B, H, Q, K) map, for the module that owns it.
 
         `frames` are the running module calls, innermost last. Nothing is
         computed when no running module records (not selected by modules=).
         The map is snapshotted now: the model may change its softmax output in
-        place later (an in-place dropout).
+        place later (an in-place dropout). `owned`: the map is a fresh tensor
+        no one else holds (recomputed, or a selection copied out), stored
+        without a second copy.
         """
         for frame in frames:
             frame.saw_attention = True
         owner = self._owner(frames)
         if owner is not None:
             weights = compute(f"the attention computed in module {owner.path!r}")
-            owner.records.append(snapshot(weights, self._policy))
+            owner.records.append(snapshot(weights, self._policy, owned=owned))
 
     def _flush(self, frame):
         for entry in frame.records:
@@ -481,6 +504,8 @@ class AttentionRecorder:
             lambda where: select_weights(
                 output.detach(), self._rows, self._heads, where=where, who=_WHO
             ),
+            # A selection is copied out of the model's tensor; the whole map is the model's.
+            owned=self._rows is not None or self._heads is not None,
         )
 
     def _sdpa(self, args, kwargs):
@@ -509,6 +534,7 @@ class AttentionRecorder:
                 where=where,
                 who=_WHO,
             ),
+            owned=True,
         )
 
     def _functional_multi_head(self, args, kwargs):
@@ -539,6 +565,7 @@ class AttentionRecorder:
                 self._heads,
                 where,
             ),
+            owned=True,
         )
 
     def _record_multi_head(self, frames, module, args, kwargs):
@@ -554,6 +581,7 @@ class AttentionRecorder:
             lambda where: self._module_weights(
                 module, query, key, a["key_padding_mask"], a["attn_mask"], where
             ),
+            owned=True,
         )
 
     def _record_encoder_layer(self, frames, layer, args, kwargs):
@@ -578,6 +606,7 @@ class AttentionRecorder:
             lambda where: self._module_weights(
                 layer.self_attn, source, source, a["src_key_padding_mask"], a["src_mask"], where
             ),
+            owned=True,
         )
         self._flush(attention)
 

@@ -30,6 +30,11 @@ class _Missing:
     def __bool__(self):
         return False
 
+    def __reduce__(self):
+        # Pickled (gathered from another rank) or deep-copied, it is still
+        # the one MISSING: `value is MISSING` keeps working.
+        return "MISSING"
+
 
 MISSING = _Missing()
 
@@ -119,12 +124,17 @@ def _dtype_name(dtype):
 IMMUTABLE_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
-def snapshot(value, policy):
-    """A copy of `value` that later in-place changes to it cannot alter."""
+def snapshot(value, policy, owned=False):
+    """A copy of `value` that later in-place changes to it cannot alter.
+
+    `owned=True` says `value` is a tensor just computed for the record that
+    nothing else holds (recomputed attention weights): it is stored without a
+    copy wherever the policy allows, since no one can change it.
+    """
     if type(value) in IMMUTABLE_TYPES:
         return value
     if is_torch_tensor(value):
-        return _snapshot_tensor(sys.modules["torch"], value, policy)
+        return _snapshot_tensor(sys.modules["torch"], value, policy, owned)
     if isinstance(value, np.ndarray):
         return np.array(value, dtype=policy.dtype, copy=True)
     if type(value) in (list, tuple):
@@ -134,7 +144,7 @@ def snapshot(value, policy):
     return value
 
 
-def _snapshot_tensor(torch, tensor, policy):
+def _snapshot_tensor(torch, tensor, policy, owned=False):
     dtype = getattr(torch, policy.dtype) if policy.dtype else None
     if policy.detach:
         tensor = tensor.detach()
@@ -142,13 +152,13 @@ def _snapshot_tensor(torch, tensor, policy):
         if dtype is not None and dtype != tensor.dtype:
             return tensor.to(dtype)
         # detach=False is for autograd: the very tensor of the graph is kept.
-        return tensor.clone() if policy.detach else tensor
+        return tensor.clone() if policy.detach and not owned else tensor
     if dtype is None and tensor.dtype == torch.bfloat16:
         dtype = torch.float32
     # Positional arguments: Tensor.to parses keywords measurably slower.
     if dtype is None:
-        return tensor.to("cpu", copy=True).numpy()
-    return tensor.to("cpu", dtype, copy=True).numpy()
+        return tensor.to("cpu", copy=not owned).numpy()
+    return tensor.to("cpu", dtype, copy=not owned).numpy()
 
 
 class CaptureCache(dict):

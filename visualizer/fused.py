@@ -75,6 +75,7 @@ from torch.overrides import TorchFunctionMode
 from ._compat import PY311
 from ._errors import VisualizerError
 from ._modes import remove_mode
+from ._ranks import captures_here, validate_ranks
 from .cache import StoragePolicy, snapshot
 from .capture import get_local
 
@@ -103,19 +104,24 @@ class SdpaCapture:
 
     # -- switching --------------------------------------------------------
 
-    def activate(self, rows=None, heads=None):
+    def activate(self, rows=None, heads=None, ranks=None):
         """Record every SDPA call of this thread from now on, until `deactivate`.
 
         Args:
             rows: query rows to keep: None (all), an int (e.g. 0 for CLS), a
                 slice or a sequence of ints; negative indices count from the end.
             heads: query heads to keep, in the same forms.
+            ranks: record only in these processes of a torch.distributed job
+                (None: every process); elsewhere this stays off.
 
         Values are stored with the storage policy in force (`get_local.policy`).
         Calling it again while on changes `rows` and `heads`.
         """
         rows = validate_selection(rows, "rows")
         heads = validate_selection(heads, "heads")
+        if not captures_here(validate_ranks(ranks, "sdpa_capture"), "sdpa_capture"):
+            self._switch_off(stacklevel=3)
+            return
         with self._owner._lock:
             self._rows, self._heads = rows, heads
             if self._mode is None:
@@ -159,7 +165,10 @@ class SdpaCapture:
         return self._mode is not None
 
     @contextlib.contextmanager
-    def capture(self, rows=None, heads=None, keep_on_device=False, dtype=None, max_entries=None):
+    def capture(
+        self, rows=None, heads=None, keep_on_device=False, dtype=None, max_entries=None,
+        ranks=None,
+    ):
         """Record inside a `with` block into a fresh cache, then restore.
 
         Yields a new dict that receives this block's captures (SDPA weights and
@@ -167,7 +176,8 @@ class SdpaCapture:
         policy these arguments describe (see `StoragePolicy`; there is no
         `detach`, since recomputed weights have no graph to keep). On exit, also
         when the block raises, `get_local.cache`, the policy and this object's
-        previous state (off, or on with its own rows and heads) come back.
+        previous state (off, or on with its own rows and heads) come back. In
+        a process that `ranks` leaves out, it is off inside the block.
         `get_local`'s on/off state is never changed.
 
             with sdpa_capture.capture(rows=0) as cache:
@@ -177,14 +187,20 @@ class SdpaCapture:
         policy = StoragePolicy(keep_on_device, dtype, max_entries)
         rows = validate_selection(rows, "rows")
         heads = validate_selection(heads, "heads")
+        here = captures_here(validate_ranks(ranks, "sdpa_capture"), "sdpa_capture")
         was_active, saved_rows, saved_heads = self.is_active, self._rows, self._heads
         with self._owner._store.scoped(policy) as fresh:
             try:
-                self.activate(rows, heads)
+                if here:
+                    self.activate(rows, heads)
+                else:
+                    self._switch_off(stacklevel=4)
                 yield fresh
             finally:
                 if was_active:
                     self._rows, self._heads = saved_rows, saved_heads
+                    if not here:
+                        self.activate(saved_rows, saved_heads)
                 else:
                     # Above _switch_off: this generator, contextlib's __exit__, the user.
                     self._switch_off(stacklevel=4)
@@ -235,7 +251,7 @@ class SdpaCapture:
             where=f"the scaled_dot_product_attention call in {caller}",
             who="sdpa_capture",
         )
-        store.append(caller, snapshot(weights, policy))
+        store.append(caller, snapshot(weights, policy, owned=True))
 
     def _caller_key(self):
         frame = sys._getframe(1)
