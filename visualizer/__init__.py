@@ -3,6 +3,7 @@
 `analysis` (numbers from maps) and `plot` (figures) are submodules:
 `from visualizer import analysis, plot`.
 """
+from ._environment import switch_on_from_environment
 from ._errors import VisualizerError
 from .cache import MISSING, StoragePolicy, load_cache, save_cache
 from .capture import get_local
@@ -12,7 +13,9 @@ __all__ = [
     "MISSING",
     "StoragePolicy",
     "VisualizerError",
+    "all_gather",
     "capture_attention",
+    "gather",
     "get_local",
     "load_cache",
     "save_cache",
@@ -31,4 +34,13 @@ def __getattr__(name):
         from . import attention
 
         return getattr(attention, name)
+    if name in ("gather", "all_gather"):
+        from . import distributed
+
+        return getattr(distributed, name)
     raise AttributeError(f"module 'visualizer' has no attribute {name!r}")
+
+
+# VISUALIZER_CAPTURE=1 switches capture on in every process that imports the
+# library, torchrun workers and spawned children included (see _environment).
+switch_on_from_environment(get_local)

@@ -24,6 +24,7 @@ import warnings
 import weakref
 
 from ._errors import VisualizerError
+from ._ranks import captures_here, validate_ranks
 from ._rewrite import READ_FROM_FRAME, instrument, local_names
 from .cache import IMMUTABLE_TYPES, MISSING, CaptureStore, StoragePolicy, snapshot
 
@@ -114,15 +115,23 @@ class GetLocal:
 
     # -- switching --------------------------------------------------------
 
-    def activate(self, keep_on_device=False, dtype=None, max_entries=None, detach=True):
+    def activate(self, keep_on_device=False, dtype=None, max_entries=None, detach=True,
+                 ranks=None):
         """Turn capture on for every decorated function, now and later ones.
 
-        The arguments set how values are stored; see `StoragePolicy`.
+        The storage arguments set how values are stored; see `StoragePolicy`.
+        `ranks` (an int or ints) switches capture on only in those processes
+        of a torch.distributed job; elsewhere every function keeps running
+        its original code (see `visualizer._ranks` for how a rank is known).
         """
         policy = StoragePolicy(keep_on_device, dtype, max_entries, detach)
+        here = captures_here(validate_ranks(ranks, "get_local"), "get_local")
         with self._lock:
             self._store.policy = policy
-            self._turn_on()
+            if here:
+                self._turn_on()
+            else:
+                self.deactivate()
 
     def _turn_on(self):
         with self._lock:
@@ -144,25 +153,33 @@ class GetLocal:
         return self._active
 
     @contextlib.contextmanager
-    def capture(self, keep_on_device=False, dtype=None, max_entries=None, detach=True):
+    def capture(self, keep_on_device=False, dtype=None, max_entries=None, detach=True,
+                ranks=None):
         """Capture inside a `with` block into a fresh cache, then restore.
 
         Yields a new dict that receives this block's captures; `get_local.cache`
         and the previous on/off state and settings are restored on exit, also
-        when the block raises.
+        when the block raises. In a process that `ranks` leaves out, capture
+        is off inside the block and the dict stays empty.
 
             with get_local.capture() as cache:
                 model(img)
             cache['Attention.forward']
         """
         policy = StoragePolicy(keep_on_device, dtype, max_entries, detach)
+        here = captures_here(validate_ranks(ranks, "get_local"), "get_local")
         was_active = self._active
         with self._store.scoped(policy) as fresh:
             try:
-                self._turn_on()
+                if here:
+                    self._turn_on()
+                else:
+                    self.deactivate()
                 yield fresh
             finally:
-                if not was_active:
+                if was_active and not here:
+                    self._turn_on()
+                elif not was_active:
                     self.deactivate()
 
     def key_of(self, function):

@@ -1,0 +1,98 @@
+"""Bring the captures of every rank of a `torch.distributed` job to one process.
+
+    get_local.activate(ranks=[0])               # or capture_attention(model, ranks=[0])
+    ...
+    everything = gather(get_local.cache)        # rank 0: {0: cache, 1: cache, ...}; else None
+    everywhere = all_gather(maps)               # on every rank
+
+Each rank's cache (a `get_local.cache` dict, or the `AttentionMaps` of
+`capture_attention`) arrives whole, keys unchanged, under its rank: the rank is
+the outer level, so nothing from two ranks is ever merged or confused. Values
+keep their exact values and dtypes (numpy arrays stay numpy arrays; torch
+tensors arrive as CPU tensors, since another rank's device may not exist here).
+
+It uses `torch.distributed.gather_object` / `all_gather_object`, which pickle
+the cache: use it between the processes of your own job. Memory: it moves
+every captured byte, so the destination holds world_size caches at once (and,
+with NCCL, each is staged through GPU memory); capture only what you need
+(`rows=0`, `ranks=`, `max_entries=`) before gathering.
+"""
+
+import torch
+import torch.distributed as dist
+
+from ._errors import VisualizerError
+from .attention import AttentionMaps
+
+
+def gather(cache, dst=0, group=None):
+    """Every rank's cache, on rank `dst`.
+
+    Args:
+        cache: `get_local.cache` (a dict key -> list of entries) or the
+            `AttentionMaps` of `capture_attention`; each rank passes its own.
+        dst: the rank that receives.
+        group: the process group (default: the world).
+
+    Returns:
+        On `dst`: a dict rank -> that rank's cache (same type as given). On
+        every other rank: None.
+    """
+    world = _world("gather", cache, group)
+    payload = _portable(cache)
+    if dist.get_rank() == dst:
+        received = [None] * world
+        dist.gather_object(payload, received, dst=dst, group=group)
+        return {rank: _restore(part, cache) for rank, part in enumerate(received)}
+    dist.gather_object(payload, None, dst=dst, group=group)
+    return None
+
+
+def all_gather(cache, group=None):
+    """Every rank's cache, on every rank: a dict rank -> that rank's cache."""
+    world = _world("all_gather", cache, group)
+    received = [None] * world
+    dist.all_gather_object(received, _portable(cache), group=group)
+    return {rank: _restore(part, cache) for rank, part in enumerate(received)}
+
+
+def _world(who, cache, group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise VisualizerError(
+            f"{who}: torch.distributed is not initialised; expected a process group "
+            "(torch.distributed.init_process_group, or a torchrun / mp.spawn launch) before "
+            "gathering captures"
+        )
+    if not isinstance(cache, dict):
+        raise VisualizerError(
+            f"{who}: expected get_local.cache or the maps of capture_attention (a dict of "
+            f"key -> list of entries); got {type(cache).__qualname__}"
+        )
+    return dist.get_world_size(group)
+
+
+def _portable(cache):
+    """What one rank sends: plain containers, tensors on the CPU (exact copies)."""
+    entries = {key: [_to_cpu(entry) for entry in values] for key, values in cache.items()}
+    dropped = dict(getattr(cache, "dropped", {}))
+    return {"entries": entries, "dropped": dropped}
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {name: _to_cpu(item) for name, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+def _restore(payload, like):
+    """A received cache, as the type the caller passed."""
+    if isinstance(like, AttentionMaps):
+        maps = AttentionMaps()
+        maps.update(payload["entries"])
+        maps.dropped.update(payload["dropped"])
+        return maps
+    return dict(payload["entries"])
