@@ -13,6 +13,9 @@ import pytest
 from visualizer import VisualizerError
 from visualizer._ranks import captures_here, current_rank, validate_ranks
 
+# The fresh interpreters import this checkout, installed or not.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 PROBE = (
     "from visualizer import get_local; "
     "print(get_local.is_activate, get_local.policy.dtype, get_local.policy.max_entries, "
@@ -26,7 +29,7 @@ def run_import(env):
         for key, value in os.environ.items()
         if not key.startswith("VISUALIZER_") and key not in ("RANK", "LOCAL_RANK")
     }
-    environment.update(env)
+    environment.update(env, PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment
     )
@@ -119,6 +122,7 @@ def test_unknown_rank_in_a_child_process_is_an_error(tmp_path):
     )
     (tmp_path / "spawn_child.py").write_text(script)
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    environment["PYTHONPATH"] = ROOT
     done = subprocess.run([sys.executable, str(tmp_path / "spawn_child.py")],
                           capture_output=True, text=True, env=environment, timeout=120)
     assert done.returncode == 0, done.stderr
