@@ -1,20 +1,32 @@
 """Fused-attention capture vs switching the model to eager attention.
 
-A ViT-S/16 (examples/toy_vit.py with 12 layers, dim 384, 6 heads, MLP ratio
+A ViT-S/14 (examples/toy_vit.py with 12 layers, dim 384, 6 heads, MLP ratio
 2, random weights, batch 1; `Attention.forward` carries get_local('attn') and
-its `fused` flag picks F.scaled_dot_product_attention) at 224 px
-(14x14 patches + CLS = 197 tokens) and 518 px (DINOv2's input size; 32x32
-patches of 16 px + CLS = 1025 tokens):
+its `fused` flag picks F.scaled_dot_product_attention) in DINOv2's geometry,
+patch 14: at 224 px (16x16 patches + CLS = 257 tokens) and 518 px (DINOv2's
+input size; 37x37 patches + CLS = 1370 tokens). `--patch` and `--sizes`
+change the geometry.
 
-- time: forward with `sdpa_capture` (CLS row or full maps) and eager-attention
-  forward with `get_local` capture, as ratios to the plain fused forward,
-  all measured in this run, interleaved round-robin, median of the repeats;
+Configurations (one table, CONFIGS): the plain fused forward (the baseline),
+`sdpa_capture` and `capture_attention(model)` on the fused path (CLS query
+row, rows=0, or full maps), and the model switched to eager attention, plain,
+with `get_local` or with `capture_attention` (full maps).
+
+- time: milliseconds of one forward (wall time; with --cpu-time this
+  process's CPU time), all configurations measured in this run, interleaved
+  round-robin (one forward of each per round, so drift in the machine's load
+  touches all alike), after one warm-up forward each: median and
+  interquartile range over the rounds, and the ratio to the plain fused
+  forward of the same round, as median and interquartile range of those
+  per-round ratios;
 - memory: the bytes the cache holds after one forward, and the extra peak
   memory of that forward over a plain fused forward of the same model.
 
-    python benchmarks/bench_fused.py                  # CPU, about 2 minutes on 2 cores
-    python benchmarks/bench_fused.py --device cuda    # peaks from torch.cuda.max_memory_allocated
+    python benchmarks/bench_fused.py                  # CPU: about 5 minutes on 2 idle cores
     python benchmarks/bench_fused.py --threads 1      # steadier on a shared machine
+    python benchmarks/bench_fused.py --threads 1 --cpu-time  # time taken by others not counted
+    python benchmarks/bench_fused.py --device cuda    # peaks from torch.cuda.max_memory_allocated
+    python benchmarks/bench_fused.py --sizes 224 --repeats 5  # a quick look
 
 Peak memory on the CPU (Linux): torch's allocations are invisible to
 tracemalloc, so each (size, configuration) runs in a fresh subprocess that
@@ -34,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,10 +54,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.toy_vit import VisionTransformer
-from visualizer import get_local
+from visualizer import capture_attention, get_local
 from visualizer.fused import sdpa_capture
 
-PATCH, DIM, DEPTH, HEADS = 16, 384, 12, 6
+DIM, DEPTH, HEADS = 384, 12, 6
 
 
 def set_fused(model, fused):
@@ -52,22 +65,29 @@ def set_fused(model, fused):
         block.attn.fused = fused
 
 
+def no_capture(model):
+    return contextlib.nullcontext()
+
+
 BASELINE = "fused"
 
-# name -> (fused attention?, context manager yielding the cache or None)
+# name -> (fused attention?, model -> context manager yielding the maps, or None)
 CONFIGS = {
-    BASELINE: (True, contextlib.nullcontext),
-    "fused + sdpa_capture, CLS row": (True, lambda: sdpa_capture.capture(rows=0)),
-    "fused + sdpa_capture, full maps": (True, sdpa_capture.capture),
-    "eager": (False, contextlib.nullcontext),
-    "eager + get_local, full maps": (False, get_local.capture),
+    BASELINE: (True, no_capture),
+    "fused + sdpa_capture, CLS row": (True, lambda model: sdpa_capture.capture(rows=0)),
+    "fused + sdpa_capture, full maps": (True, lambda model: sdpa_capture.capture()),
+    "fused + capture_attention, CLS row": (True, lambda model: capture_attention(model, rows=0)),
+    "fused + capture_attention, full maps": (True, capture_attention),
+    "eager": (False, no_capture),
+    "eager + get_local, full maps": (False, lambda model: get_local.capture()),
+    "eager + capture_attention, full maps": (False, capture_attention),
 }
 
 
 def forward(model, images, config):
     fused, capture = CONFIGS[config]
     set_fused(model, fused)
-    with torch.no_grad(), capture() as cache:
+    with torch.no_grad(), capture(model) as cache:
         model(images)
     return cache or {}
 
@@ -76,10 +96,14 @@ def cache_bytes(cache):
     return sum(entry.nbytes for entries in cache.values() for entry in entries)
 
 
-def build(image_size, device):
+def tokens(image_size, patch):
+    return (image_size // patch) ** 2 + 1
+
+
+def build(image_size, patch, device):
     torch.manual_seed(0)
     model = VisionTransformer(
-        img_size=(image_size, image_size), patch_size=PATCH, dim=DIM, depth=DEPTH, num_heads=HEADS
+        img_size=(image_size, image_size), patch_size=patch, dim=DIM, depth=DEPTH, num_heads=HEADS
     )
     model = model.to(device).eval()
     return model, torch.randn(1, 3, image_size, image_size, device=device)
@@ -90,25 +114,31 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_configs(image_size, device, repeats, configs):
-    """Median milliseconds per config, the configs interleaved round-robin."""
-    model, images = build(image_size, device)
-    times = {config: [] for config in configs}
-    for config in configs:
+def time_configs(image_size, patch, device, repeats, clock):
+    """Milliseconds of one forward per config and round, the configs interleaved round-robin."""
+    model, images = build(image_size, patch, device)
+    times = {config: [] for config in CONFIGS}
+    for config in CONFIGS:
         forward(model, images, config)  # warm-up
     for _ in range(repeats):
-        for config in configs:
+        for config in CONFIGS:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             forward(model, images, config)
             synchronize(device)
-            times[config].append((time.perf_counter() - start) * 1000)
-    return {config: statistics.median(values) for config, values in times.items()}
+            times[config].append((clock() - start) * 1000)
+    return times
 
 
-def measure_memory(image_size, device, config):
+def summary(values, digits):
+    """Median and interquartile range, e.g. '41.2 (40.1-43.0)'."""
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def measure_memory(image_size, patch, device, config):
     """In this (fresh) process: cache bytes and extra peak bytes of one forward."""
-    model, images = build(image_size, device)
+    model, images = build(image_size, patch, device)
     forward(model, images, BASELINE)  # warm-up: lazy inits, allocator pools
     baseline = peak_during(lambda: forward(model, images, BASELINE), device)
     cache = {}
@@ -143,8 +173,11 @@ def resident_kilobytes():
         }
 
 
-def memory_in_subprocess(image_size, device, config):
-    command = [sys.executable, __file__, "--child", json.dumps([image_size, device, config])]
+def memory_in_subprocess(image_size, patch, device, config, threads):
+    child = json.dumps([image_size, patch, device, config])
+    command = [sys.executable, __file__, "--child", child]
+    if threads:
+        command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -157,55 +190,88 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--patch", type=int, default=14, help="patch size in px (default: 14)")
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds (default: 20)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this process's CPU time (user + system), not wall time: steadier on a "
+        "busy machine with --threads 1 (more threads add their spin-waits); CPU only",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # get_local's notice that Attention.forward's fused calls are left to
+    # sdpa_capture: expected here, where the model takes both paths.
+    warnings.filterwarnings("ignore", "get_local: 'attn' not bound", RuntimeWarning)
     if args.child:
         print(json.dumps(measure_memory(*json.loads(args.child))))
         return
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (quartiles)")
+    if args.cpu_time and args.device == "cuda":
+        parser.error("--cpu-time does not see the GPU's work; time CUDA by wall time")
+    clock, clock_name = (time.process_time, "CPU") if args.cpu_time else (time.perf_counter, "wall")
+
+    started = time.perf_counter()
+    print(
+        f"ViT-S/{args.patch} (examples/toy_vit.py: {DEPTH} layers, dim {DIM}, {HEADS} heads), "
+        f"batch 1, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} interleaved rounds\n"
+    )
+    counts = {size: tokens(size, args.patch) for size in args.sizes}
+    columns = {size: f"{size} px, {counts[size]} tokens" for size in args.sizes}
 
     print(
-        f"ViT-S/16 (examples/toy_vit.py: {DEPTH} layers, dim {DIM}, {HEADS} heads), batch 1, "
-        f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} forwards\n"
+        f"Forward time, {clock_name} ms: median (interquartile range) over the rounds; ratio to "
+        "the plain fused forward of the same round: median (interquartile range)\n"
     )
-    tokens = {size: (size // PATCH) ** 2 + 1 for size in args.sizes}
-    columns = "".join(f" {size} px, {tokens[size]} tokens |" for size in args.sizes)
-    rule = "|---|" + "---:|" * len(args.sizes)
-
-    print("Forward time, ms (ratio to the plain fused forward)\n")
-    print("| forward |" + columns)
-    print(rule)
+    print("| forward |" + "".join(f" {columns[size]}: ms | ratio |" for size in args.sizes))
+    print("|---|" + "---:|---:|" * len(args.sizes))
     timings = {
-        size: time_configs(size, args.device, args.repeats, list(CONFIGS)) for size in args.sizes
+        size: time_configs(size, args.patch, args.device, args.repeats, clock)
+        for size in args.sizes
     }
     for config in CONFIGS:
         cells = ""
         for size in args.sizes:
-            milliseconds = timings[size][config]
-            cells += f" {milliseconds:.1f} ({milliseconds / timings[size][BASELINE]:.2f}) |"
+            times = timings[size]
+            ratios = [value / base for value, base in zip(times[config], times[BASELINE])]
+            cells += f" {summary(times[config], 1)} | {summary(ratios, 2)} |"
         print(f"| {config} |{cells}")
 
+    growth = len(args.sizes) > 1
     print("\nMemory, MB: held by the cache / extra peak over a plain fused forward\n")
-    print("| forward |" + columns)
-    print(rule)
+    print(
+        "| forward |"
+        + "".join(f" {columns[size]} |" for size in args.sizes)
+        + (" cache growth |" if growth else "")
+    )
+    print("|---|" + "---:|" * (len(args.sizes) + growth))
     for config in CONFIGS:
         if config == BASELINE:
             continue
-        cells = ""
-        for size in args.sizes:
-            memory = memory_in_subprocess(size, args.device, config)
-            cells += f" {megabytes(memory['cache'])} / {megabytes(memory['extra_peak'])} |"
-        print(f"| {config} |{cells}")
-    if len(args.sizes) > 1:
-        growth = tokens[args.sizes[-1]] / tokens[args.sizes[0]]
-        print(
-            f"\nTokens grow x{growth:.1f} from {args.sizes[0]} to {args.sizes[-1]} px, "
-            f"tokens² x{growth**2:.1f}."
+        memory = {
+            size: memory_in_subprocess(size, args.patch, args.device, config, args.threads)
+            for size in args.sizes
+        }
+        cells = "".join(
+            f" {megabytes(memory[size]['cache'])} / {megabytes(memory[size]['extra_peak'])} |"
+            for size in args.sizes
         )
+        if growth:
+            first, last = (memory[size]["cache"] for size in (args.sizes[0], args.sizes[-1]))
+            cells += f" x{last / first:.1f} |" if first else " - |"
+        print(f"| {config} |{cells}")
+    if growth:
+        factor = counts[args.sizes[-1]] / counts[args.sizes[0]]
+        print(
+            f"\nCache growth from {args.sizes[0]} to {args.sizes[-1]} px; tokens grow "
+            f"x{factor:.1f}, tokens² x{factor**2:.1f}."
+        )
+    print(f"\nWall time of this run: {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
