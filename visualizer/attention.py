@@ -413,7 +413,8 @@ class AttentionRecorder:
     def _enter(self, module, args, kwargs):
         frames = self._frames()
         state = self._state
-        self._module_calls += 1
+        if torch._C._current_autograd_node() is None:
+            self._module_calls += 1
         if not frames:
             push_mode(state.mode)
         frame = _Frame(module, self._paths_by_id.get(id(module)))
@@ -473,7 +474,9 @@ class AttentionRecorder:
         for frame in frames:
             frame.saw_attention = True
         owner = self._owner(frames)
-        if owner is not None:
+        # During backward, activation checkpointing re-runs forwards: those are
+        # not new calls, and their maps were recorded when the forward ran.
+        if owner is not None and torch._C._current_autograd_node() is None:
             weights = compute(f"the attention computed in module {owner.path!r}")
             owner.records.append(snapshot(weights, self._policy, owned=owned))
 

@@ -30,6 +30,10 @@ from .cache import IMMUTABLE_TYPES, MISSING, CaptureStore, StoragePolicy, snapsh
 
 _MAX_WRAPPED_DEPTH = 100
 
+# What keep() returns for a tensor captured while autograd's backward re-runs a
+# forward (activation checkpointing): the recorder then stores nothing.
+_RECOMPUTED = object()
+
 
 class _Registration:
     """One decorated function: where its code lives and what to capture."""
@@ -293,8 +297,13 @@ class GetLocal:
                 value = _apply_select(chooser, value, key, name)
             if type(value) not in IMMUTABLE_TYPES:
                 torch = sys.modules.get("torch")
-                if torch is not None and torch._C._get_tracing_state() is not None:
-                    warn_tracing(key)
+                if torch is not None:
+                    if torch._C._current_autograd_node() is not None:
+                        # Activation checkpointing re-running the forward
+                        # during backward: not a new call.
+                        return _RECOMPUTED
+                    if torch._C._get_tracing_state() is not None:
+                        warn_tracing(key)
                 value = snapshot(value, store.policy)
             return value
 
@@ -318,6 +327,8 @@ class GetLocal:
                         return
                 if needs_keep or type(value) not in IMMUTABLE_TYPES:
                     value = keep(only_name, value)
+                    if value is _RECOMPUTED:
+                        return
                 # Inline CaptureStore.append: dict.setdefault and list.append
                 # are atomic under the GIL; trimming takes the store's lock.
                 entries = store.cache.get(key)
@@ -344,6 +355,8 @@ class GetLocal:
             entry = {}
             for name, value in found.items():  # a loop, not a comprehension: the
                 entry[name] = keep(name, value)  # warnings' stack depth must not vary
+            if any(value is _RECOMPUTED for value in entry.values()):
+                return
             store.append(key, entry)
 
         return record_several

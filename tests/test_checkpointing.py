@@ -1,0 +1,74 @@
+"""Activation checkpointing re-runs forwards during backward: those are not new calls.
+
+A 3-block ViT whose blocks run under torch.utils.checkpoint (reentrant and
+not): one training step must give exactly one map per block, in forward
+order, equal to the same step without checkpointing, for get_local and for
+capture_attention.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from examples.toy_vit import VisionTransformer  # noqa: E402
+from visualizer import capture_attention, get_local  # noqa: E402
+
+
+class Checkpointed(torch.nn.Module):
+    """Runs a block under activation checkpointing, as training code does to save memory."""
+
+    def __init__(self, block, reentrant):
+        super().__init__()
+        self.block = block
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.block(x)
+        return checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+def model_with(reentrant):
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(16, 16), patch_size=4, dim=32, depth=3, num_heads=4)
+    model.blocks = torch.nn.Sequential(*[Checkpointed(b, reentrant) for b in model.blocks])
+    return model.train()
+
+
+def training_step(model):
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model(images).sum().backward()
+
+
+@pytest.fixture(autouse=True)
+def capture_off():
+    yield
+    get_local.deactivate()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_get_local_records_each_block_once_in_forward_order(reentrant):
+    with get_local.capture() as expected:
+        training_step(model_with(None))
+    with get_local.capture() as cache:
+        training_step(model_with(reentrant))
+    assert len(expected["Attention.forward"]) == 3
+    assert len(cache["Attention.forward"]) == 3
+    for got, want in zip(cache["Attention.forward"], expected["Attention.forward"]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_capture_attention_records_each_block_once(reentrant):
+    reference = model_with(None)
+    with capture_attention(reference) as expected:
+        training_step(reference)
+    model = model_with(reentrant)
+    with capture_attention(model) as maps:
+        training_step(model)
+    assert list(maps) == [f"blocks.{i}.block.attn" for i in range(3)]
+    assert [len(calls) for calls in maps.values()] == [1, 1, 1]
+    for got, want in zip(maps.values(), expected.values()):
+        np.testing.assert_array_equal(got[0], want[0])
