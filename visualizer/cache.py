@@ -307,6 +307,16 @@ def save_cache(cache, path):
 
     manifest = {"format": _FORMAT, "version": 1, "keys": []}
     for key, entries in cache.items():
+        if not isinstance(key, str):
+            raise VisualizerError(
+                f"save_cache: keys must be strings (function or module names); got {key!r} "
+                f"({type(key).__qualname__})"
+            )
+        if not isinstance(entries, (list, tuple)):
+            raise VisualizerError(
+                f"save_cache: cache[{key!r}] must be a list of entries, one per call; got "
+                f"{type(entries).__qualname__}"
+            )
         encoded = []
         for index, entry in enumerate(entries):
             where = f"cache[{key!r}][{index}]"
@@ -323,37 +333,68 @@ def save_cache(cache, path):
 
 
 def load_cache(path):
-    """Read a file written by `save_cache` back into a cache dict of numpy arrays."""
-    with np.load(path, allow_pickle=False) as archive:
-        if _MANIFEST not in archive.files:
-            raise VisualizerError(
-                f"load_cache: {path!r} has no {_MANIFEST!r}; expected a file written by "
-                f"save_cache, got an .npz with {sorted(archive.files)[:5]}"
-            )
-        manifest = json.loads(archive[_MANIFEST].tobytes().decode("utf-8"))
-        if manifest.get("format") != _FORMAT:
-            raise VisualizerError(
-                f"load_cache: {path!r} is not a visualizer cache; got format "
-                f"{manifest.get('format')!r}"
-            )
+    """Read a file written by `save_cache` back into a cache dict of numpy arrays.
 
-        def decode(encoded):
-            if "missing" in encoded:
-                return MISSING
-            if "scalar" in encoded:
-                return encoded["scalar"]
-            if "array" in encoded:
-                return archive[encoded["array"]]
-            if "list" in encoded:
-                return [decode(item) for item in encoded["list"]]
-            return tuple(decode(item) for item in encoded["tuple"])
+    Anything else (another .npz or .npy, a truncated or corrupt file) raises
+    VisualizerError naming the file and what was expected.
+    """
+    expected = "expected a file written by save_cache (an .npz with a JSON manifest)"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:
+        raise VisualizerError(
+            f"load_cache: {path!r} cannot be read as an .npz ({type(error).__name__}: "
+            f"{error}); {expected}"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise VisualizerError(
+            f"load_cache: {path!r} holds a single {type(archive).__name__}, not an .npz; "
+            f"{expected}"
+        )
+    with archive:
+        try:
+            return _read_archive(archive, path, expected)
+        except VisualizerError:
+            raise
+        except Exception as error:
+            raise VisualizerError(
+                f"load_cache: {path!r} is damaged or not a visualizer cache "
+                f"({type(error).__name__}: {error}); {expected}"
+            ) from None
 
-        cache = {}
-        for record in manifest["keys"]:
-            cache[record["key"]] = [
-                {n: decode(v) for n, v in entry["names"].items()}
-                if "names" in entry
-                else decode(entry["value"])
-                for entry in record["entries"]
-            ]
+
+def _read_archive(archive, path, expected):
+    if _MANIFEST not in archive.files:
+        raise VisualizerError(
+            f"load_cache: {path!r} has no {_MANIFEST!r}; {expected}, got an .npz with "
+            f"{sorted(archive.files)[:5]}"
+        )
+    manifest = json.loads(archive[_MANIFEST].tobytes().decode("utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise VisualizerError(
+            f"load_cache: {path!r} is not a visualizer cache; got format "
+            f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r}"
+        )
+
+    def decode(encoded):
+        if "missing" in encoded:
+            return MISSING
+        if "scalar" in encoded:
+            return encoded["scalar"]
+        if "array" in encoded:
+            return archive[encoded["array"]]
+        if "list" in encoded:
+            return [decode(item) for item in encoded["list"]]
+        return tuple(decode(item) for item in encoded["tuple"])
+
+    cache = {}
+    for record in manifest["keys"]:
+        cache[record["key"]] = [
+            {n: decode(v) for n, v in entry["names"].items()}
+            if "names" in entry
+            else decode(entry["value"])
+            for entry in record["entries"]
+        ]
     return cache
