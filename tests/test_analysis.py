@@ -97,7 +97,7 @@ def test_cls_attention_keeps_layout_and_accepts_cls_row_only():
 )
 def test_cls_attention_errors_say_what_was_expected_and_got(shape, kwargs, message):
     with pytest.raises(VisualizerError) as raised:
-        analysis.cls_attention(np.ones(shape), **kwargs)
+        analysis.cls_attention(np.full(shape, 1 / shape[-1]), **kwargs)
     assert message in str(raised.value)
 
 
@@ -502,3 +502,48 @@ def test_torch_inputs_of_any_float_dtype_and_with_grad(dtype_name):
     assert analysis.attention_entropy(tensor).shape == (3,)
     assert analysis.threshold_mask(analysis.cls_attention(tensor)).shape == (2, 3, 3, 3)
     assert [tokens.tolist() for tokens in analysis.find_artifact_tokens(tensor)] == [[], []]
+
+
+# -- what is not attention is refused, with a reason ------------------------------------
+
+
+def pre_softmax_scores(shape, seed=0):
+    return np.random.default_rng(seed).normal(scale=3.0, size=shape)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda maps: analysis.cls_attention(maps[0], grid_size=(3, 3)),
+        lambda maps: analysis.mean_attention_distance(maps, grid_size=(3, 3)),
+        lambda maps: analysis.attention_rollout(maps),
+        lambda maps: analysis.attention_entropy(maps),
+        lambda maps: analysis.find_artifact_tokens(maps[0]),
+    ],
+    ids=["cls_attention", "mean_attention_distance", "rollout", "entropy", "artifacts"],
+)
+def test_scores_nan_and_oversized_rows_are_refused(call):
+    scores = pre_softmax_scores((2, 1, 2, 10, 10))
+    with pytest.raises(VisualizerError, match=r"has a value of -\d.*expected post-softmax "
+                       r"attention probabilities .* This looks like pre-softmax scores"):
+        call(scores)
+    maps = random_maps((2, 1, 2, 10, 10))
+    with pytest.raises(VisualizerError, match=r"has a row summing to 2; expected post-softmax"):
+        call(maps * 2)
+    broken = maps.copy()
+    broken[0, 0, 1, 3, :] = np.nan
+    with pytest.raises(VisualizerError, match=r"holds 10 NaN or infinite values of 200; "
+                       r"expected attention probabilities"):
+        call(broken)
+
+
+def test_rows_that_sum_to_less_than_one_are_attention_too():
+    # Rows restricted to some keys (here: half the mass kept) are still attention.
+    maps = random_maps((1, 2, 10, 10)) / 2
+    assert analysis.cls_attention(maps, grid_size=(3, 3)).shape == (1, 2, 3, 3)
+
+
+def test_cross_attention_scores_are_refused():
+    with pytest.raises(VisualizerError, match="attention_mass_in_boxes: cross_attn has a value"):
+        analysis.attention_mass_in_boxes(pre_softmax_scores((1, 2, 3, 4)), [[0, 0, 1, 1]] * 3,
+                                         image_size=(4, 4), grid_size=(2, 2))

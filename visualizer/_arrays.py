@@ -70,12 +70,13 @@ def to_numpy(x, func, name):
     return array
 
 
-def attention_array(x, func, name="attn", square=True):
+def attention_array(x, func, name="attn", square=True, probabilities=True):
     """Coerce one attention map; return ``(array (B, H, Q, N), batched)``.
 
     ``batched`` tells whether the caller gave a batch axis, so results can be
     returned with the same layout. ``square=False`` allows ``Q != N`` (a map
-    captured for a few query rows only, or cross-attention).
+    captured for a few query rows only, or cross-attention). ``probabilities=False``
+    skips the check that it is attention (for gradients of maps).
     """
     array = to_numpy(x, func, name)
     if array.ndim not in (3, 4):
@@ -87,8 +88,40 @@ def attention_array(x, func, name="attn", square=True):
             f"{func}: {name} must have shape {ATTENTION_LAYOUT} with as many query rows as "
             f"key columns; got shape {tuple(array.shape)}"
         )
+    if probabilities:
+        check_probabilities(array, func, name)
     batched = array.ndim == 4
     return (array if batched else array[None]), batched
+
+
+# float16 maps summed over thousands of keys drift above 1 by rounding alone.
+_ROW_SUM_TOLERANCE = 1e-2
+
+
+def check_probabilities(array, func, name):
+    """Refuse what is not attention: NaN, negative values, rows summing to more than 1.
+
+    Rows may sum to less than 1 (a map restricted to some keys); never more.
+    Negative values or larger sums are what pre-softmax scores look like, a
+    common mistake (some models' `attn_weights` local holds the scores).
+    """
+    if array.size == 0:
+        raise VisualizerError(f"{func}: {name} is empty; got shape {tuple(array.shape)}")
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise VisualizerError(
+            f"{func}: {name} holds {int(array.size - finite.sum())} NaN or infinite values of "
+            f"{array.size}; expected attention probabilities, finite and in [0, 1]"
+        )
+    lowest, largest_sum = float(array.min()), float(array.sum(axis=-1).max())
+    if lowest < 0 or largest_sum > 1 + _ROW_SUM_TOLERANCE:
+        found = f"a value of {lowest:.3g}" if lowest < 0 else f"a row summing to {largest_sum:.3g}"
+        raise VisualizerError(
+            f"{func}: {name} has {found}; expected post-softmax attention probabilities (every "
+            "value >= 0, every query row summing to at most 1). This looks like pre-softmax "
+            "scores: capture the softmax output, or use capture_attention(model), which records "
+            "probabilities"
+        )
 
 
 def layer_list(maps, func, name="maps"):
@@ -118,7 +151,7 @@ def layer_list(maps, func, name="maps"):
     )
 
 
-def layer_arrays(layers, func, name="maps", square=True):
+def layer_arrays(layers, func, name="maps", square=True, probabilities=True):
     """Yield ``(array (B, H, N, N), batched)`` per layer, converting lazily.
 
     One layer at a time keeps memory at one map's size: at DINOv2 resolutions a
@@ -126,7 +159,7 @@ def layer_arrays(layers, func, name="maps", square=True):
     """
     first_shape = None
     for index, layer in enumerate(layers):
-        array, batched = attention_array(layer, func, f"{name}[{index}]", square)
+        array, batched = attention_array(layer, func, f"{name}[{index}]", square, probabilities)
         if first_shape is None:
             first_shape = (tuple(np.shape(layer)), array.shape)
         elif array.shape != first_shape[1]:
@@ -208,6 +241,8 @@ def pair(value, func, name):
 def cross_attention_array(cross_attn, func):
     """Coerce DETR cross-attention to ``(B, H, Q, S)`` (``H = 1`` if head-averaged)."""
     array = to_numpy(cross_attn, func, "cross_attn")
+    if array.ndim in (3, 4):
+        check_probabilities(array, func, "cross_attn")
     if array.ndim == 3:
         return array[:, None]
     if array.ndim == 4:

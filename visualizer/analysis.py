@@ -355,7 +355,7 @@ def gradient_rollout(maps, grads=None, *, score=None, discard_ratio=0.0, add_ide
             f"{len(grad_layers)}"
         )
     arrays = list(layer_arrays(map_layers, func, "maps"))
-    grad_arrays = list(layer_arrays(grad_layers, func, "grads"))
+    grad_arrays = list(layer_arrays(grad_layers, func, "grads", probabilities=False))
     if arrays[0][0].shape != grad_arrays[0][0].shape:
         raise VisualizerError(
             f"{func}: grads must have the shape of maps; got {grad_arrays[0][0].shape} for maps of "
