@@ -5,6 +5,7 @@ not): one training step must give exactly one map per block, in forward
 order, equal to the same step without checkpointing, for get_local and for
 capture_attention.
 """
+
 import numpy as np
 import pytest
 

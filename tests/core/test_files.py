@@ -1,4 +1,5 @@
 """save_cache / load_cache as a contract: exact round trips, clear refusals (no torch needed)."""
+
 import copy
 import pickle
 import zipfile
@@ -31,9 +32,15 @@ def test_round_trip_is_exact_for_every_accepted_type(tmp_path):
     "cache, message",
     [
         ({("a", 1): [1]}, r"save_cache: keys must be strings .*; got \('a', 1\) \(tuple\)"),
-        ({"k": "abc"}, r"save_cache: cache\['k'\] must be a list of entries, one per call; got str"),
+        (
+            {"k": "abc"},
+            r"save_cache: cache\['k'\] must be a list of entries, one per call; got str",
+        ),
         ({"k": [object()]}, r"save_cache: cache\['k'\]\[0\] is a object; expected an array"),
-        ({"k": [np.array([object()])]}, r"cache\['k'\]\[0\] is an object array, which needs pickle"),
+        (
+            {"k": [np.array([object()])]},
+            r"cache\['k'\]\[0\] is an object array, which needs pickle",
+        ),
     ],
 )
 def test_what_cannot_round_trip_is_refused_at_save(tmp_path, cache, message):
