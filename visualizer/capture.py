@@ -38,7 +38,7 @@ _RECOMPUTED = object()
 class _Registration:
     """One decorated function: where its code lives and what to capture."""
 
-    __slots__ = ("target", "key", "names", "select", "original_code")
+    __slots__ = ("target", "key", "names", "select", "original_code", "installed_code")
 
     def __init__(self, target, key, names, select):
         self.target = target
@@ -46,6 +46,24 @@ class _Registration:
         self.names = names
         self.select = select
         self.original_code = target.__code__
+        self.installed_code = None  # the instrumented code while it is installed
+
+    def current_code(self):
+        """The code the function runs uninstrumented: its code now, if replaced since.
+
+        Others may replace `__code__` after decorating: IPython's %autoreload
+        and editors put the edited function's code in place, `types.coroutine`
+        sets a flag on whatever code is there. The current code is the truth,
+        so activation instruments it and deactivation restores it.
+        """
+        current = self.target.__code__
+        if current is self.original_code or current is self.installed_code:
+            return self.original_code
+        installed = self.installed_code
+        if installed is not None and current == installed.replace(co_flags=current.co_flags):
+            # Only flags were changed, on the instrumented copy: carry them over.
+            return self.original_code.replace(co_flags=current.co_flags)
+        return current
 
 
 class GetLocal:
@@ -96,7 +114,7 @@ class GetLocal:
                 names = previous.names + tuple(n for n in names if n not in previous.names)
                 select = {**previous.select, **select}
                 key = previous.key
-                target.__code__ = previous.original_code
+                target.__code__ = previous.current_code()
             else:
                 key = self._unique_key(qualname, target.__module__)
             registration = _Registration(target, key, names, select)
@@ -148,7 +166,9 @@ class GetLocal:
         with self._lock:
             self._active = False
             for registration in list(self._registrations.values()):
+                registration.original_code = registration.current_code()
                 registration.target.__code__ = registration.original_code
+                registration.installed_code = None
                 registration.target.__dict__.pop("_torchdynamo_disable", None)
 
     @property
@@ -258,6 +278,7 @@ class GetLocal:
 
     def _install(self, registration):
         self._store.cache.setdefault(registration.key, [])
+        registration.original_code = registration.current_code()
         cache_key = (
             registration.original_code,
             registration.key,
@@ -276,6 +297,7 @@ class GetLocal:
                 ) from error
             self._instrumented[cache_key] = code
         registration.target.__code__ = code
+        registration.installed_code = code
         _run_eagerly_under_compile(registration.target, code)
 
     def _make_recorder(self, registration):

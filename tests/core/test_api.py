@@ -411,3 +411,89 @@ def test_importing_the_core_does_not_import_torch_or_matplotlib():
     result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# -- the current code is the truth: %autoreload, editors, types.coroutine ----------------
+
+
+def _version_one(x):
+    attn = x + 1
+    return attn
+
+
+def _version_two(x):
+    attn = x * 10
+    return attn * 2
+
+
+def test_code_replaced_before_activation_is_the_code_captured(gl):
+    def f(x):
+        attn = x + 1
+        return attn
+
+    gl("attn")(f)
+    f.__code__ = _version_two.__code__  # what %autoreload does with an edited function
+    gl.activate()
+    assert f(3) == 60 and gl.cache[f.__qualname__] == [30]
+    gl.deactivate()
+    assert f.__code__ is _version_two.__code__ and f(3) == 60
+
+
+def test_code_replaced_while_active_survives_deactivation(gl):
+    def f(x):
+        attn = x + 1
+        return attn
+
+    gl("attn")(f)
+    gl.activate()
+    assert f(1) == 2
+    f.__code__ = _version_two.__code__
+    gl.deactivate()
+    assert f.__code__ is _version_two.__code__, "deactivate threw the edit away"
+    gl.activate()
+    assert f(1) == 20 and gl.cache[f.__qualname__] == [2, 10]
+
+
+@pytest.mark.parametrize("active_when_decorated", [False, True])
+def test_types_coroutine_above_get_local_in_either_state(gl, active_when_decorated):
+    import asyncio
+    import types
+
+    if active_when_decorated:
+        gl.activate()
+
+    @types.coroutine
+    @gl("attn")
+    def tick(x):
+        attn = x * 2
+        yield
+        return attn
+
+    async def main(x):
+        return await tick(x)
+
+    for _ in range(2):
+        gl.activate()
+        assert asyncio.run(main(4)) == 8
+        gl.deactivate()
+        assert asyncio.run(main(5)) == 10, "deactivate left the function broken"
+    assert gl.cache[tick.__qualname__] == [8, 8]
+
+
+def test_ipython_autoreload_edit_is_captured(gl, module_dir):
+    autoreload = pytest.importorskip("IPython.extensions.autoreload")
+    name = module_dir("edited_model", """
+        def forward(x):
+            attn = x + 1
+            return attn
+    """)
+    module = importlib.import_module(name)
+    forward = module.forward
+    gl("attn")(forward)
+    new = {"__name__": name}
+    exec("def forward(x):\n    attn = x * 100\n    return attn\n", new)
+    autoreload.update_function(forward, new["forward"])  # IPython's own in-place update
+    gl.activate()
+    assert forward(2) == 200 and gl.cache[forward.__qualname__] == [200]
+    gl.deactivate()
+    assert forward(2) == 200
