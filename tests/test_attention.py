@@ -558,7 +558,7 @@ def test_stack_feeds_analysis():
         ),
         (
             lambda m: capture_attention(m, dtype="float17"),
-            "capture_attention: dtype must name a floating or integer dtype",
+            "capture_attention: dtype must name a dtype numpy and torch can both store",
         ),
         (
             lambda m: capture_attention(m, max_entries=0),

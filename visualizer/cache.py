@@ -92,8 +92,17 @@ class StoragePolicy:
         return f"StoragePolicy({fields})"
 
 
+# The dtypes values can be stored in: both numpy and torch have them (bfloat16
+# only torch). Others ('object', 'U10', 'float128', complex) would fail inside
+# the model's forward, so they are refused when the policy is made.
+_STORABLE_DTYPES = (
+    "float16", "float32", "float64", "bfloat16",
+    "int8", "int16", "int32", "int64", "uint8", "bool",
+)
+
+
 def _dtype_name(dtype):
-    """Normalize a dtype given as str, numpy or torch dtype to its name."""
+    """Normalize a dtype given as str, numpy or torch dtype to its name ('f4' -> 'float32')."""
     if dtype is None:
         return None
     if isinstance(dtype, str):
@@ -101,21 +110,17 @@ def _dtype_name(dtype):
     elif type(dtype).__module__ == "torch":
         name = str(dtype).replace("torch.", "")
     else:
+        name = dtype
+    if name not in _STORABLE_DTYPES:
         try:
-            name = np.dtype(dtype).name
+            name = np.dtype(name).name
         except TypeError:
             name = None
-    known = name in _TORCH_ONLY_DTYPES
-    if not known and name is not None:
-        try:
-            np.dtype(name)
-            known = True
-        except TypeError:
-            known = False
-    if not known:
+    if name not in _STORABLE_DTYPES:
         raise VisualizerError(
-            f"get_local: dtype must name a floating or integer dtype such as 'float16', "
-            f"'bfloat16' or torch.float32; got {dtype!r}"
+            f"get_local: dtype must name a dtype numpy and torch can both store, one of "
+            f"{list(_STORABLE_DTYPES)} (bfloat16 with keep_on_device=True), as a string, "
+            f"numpy or torch dtype; got {dtype!r}"
         )
     return name
 
