@@ -368,6 +368,11 @@ class AClass:
         (lambda g: g("attn", select={"q": abs}), r"select names \['q'\] that are not captured"),
         (lambda g: g.activate(max_entries=0), r"max_entries must be a positive int.*got 0"),
         (lambda g: g.activate(dtype="float99"), r"dtype must name.*got 'float99'"),
+        (lambda g: g.activate(dtype="object"), r"dtype must name a dtype numpy and torch can "
+                                               r"both store.*got 'object'"),
+        (lambda g: g.activate(dtype="U10"), r"dtype must name.*got 'U10'"),
+        (lambda g: g.activate(dtype="float128"), r"dtype must name.*got 'float128'"),
+        (lambda g: g.activate(dtype=np.complex64), r"dtype must name.*complex64"),
         (lambda g: g.activate(dtype="bfloat16"), r"'bfloat16' cannot be stored in numpy"),
         (lambda g: g.activate(detach=False), r"detach=False keeps the autograd graph"),
         (lambda g: g.activate(keep_on_device="yes"), r"keep_on_device must be True or False"),
@@ -377,6 +382,13 @@ class AClass:
 def test_errors_name_function_variable_expected_and_got(gl, call, message):
     with pytest.raises(VisualizerError, match=message):
         call(gl)
+
+
+def test_numpy_dtype_spellings_are_normalized(gl):
+    gl.activate(dtype="f4")
+    assert gl.policy.dtype == "float32"
+    gl.activate(dtype=np.dtype("<f2"))
+    assert gl.policy.dtype == "float16"
 
 
 def test_select_failure_names_function_and_variable(gl):
