@@ -210,3 +210,85 @@ def _maps(model, images):
     with torch.no_grad():
         _, oracle = run_with_oracle(lambda: model(images), Attention.forward.__code__, ("attn",))
     return [values[0].float().numpy() for values in oracle]
+
+
+DATALOADER_SCRIPT = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+from visualizer import get_local
+
+@get_local("features")
+def augment(x):
+    features = x * 2
+    return features
+
+class Items(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, index):
+        return augment(torch.full((3,), float(index)))
+
+get_local.activate()
+for batch in DataLoader(Items(), batch_size=2, num_workers=2):
+    pass
+augment(torch.ones(3))  # in the main process: no warning
+print("main process entries:", len(get_local.cache["augment"]))
+"""
+
+
+def test_dataloader_workers_that_capture_say_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "loader.py"
+    script.write_text(DATALOADER_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "main process entries: 1" in done.stdout
+    warnings_seen = done.stderr.count("get_local: augment was captured in DataLoader worker")
+    assert warnings_seen == 2, done.stderr  # once in each of the two workers
+    assert "captures stay in that process's get_local.cache and never reach the parent" in (
+        done.stderr
+    )
+
+
+def test_model_compiled_while_capture_was_off_captures_after_activate(vit, images):
+    expected = _maps(vit, images)  # eager mode's maps
+    compiled = torch.compile(vit, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reset notice: asserted below
+        plain = compiled(images)  # compiled with capture off: no graph break, no recorder
+        get_local.activate()
+        captured = compiled(images)
+    assert torch.equal(plain, captured)
+    maps = get_local.cache["Attention.forward"]
+    assert len(maps) == len(expected)
+    for got, want in zip(maps, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    get_local.deactivate()
+    get_local.clear()
+    with torch.no_grad():
+        assert torch.equal(compiled(images), plain)
+    assert get_local.cache["Attention.forward"] == []  # off again: the graph without capture
+
+
+def test_switching_capture_with_compiled_code_around_says_it_resets_dynamo():
+    gl = GetLocal()
+
+    @gl("y")
+    def double(x):
+        y = x * 2
+        return y
+
+    compiled = torch.compile(lambda x: double(x) + 1, backend="eager")
+    compiled(torch.ones(2))
+    with pytest.warns(RuntimeWarning, match=r"get_local: capture was switched while "
+                      r"torch.compile'd code existed; Dynamo's compiled code was reset") as caught:
+        gl.activate()
+    assert caught[0].filename == __file__
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 3.0))
+    assert [y.tolist() for y in gl.cache[double.__qualname__]] == [[2.0, 2.0]]
+    gl.deactivate()

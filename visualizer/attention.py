@@ -48,7 +48,6 @@ import fnmatch
 import inspect
 import sys
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 from ._errors import VisualizerError
 from ._modes import push_mode, remove_mode
 from ._ranks import captures_here, validate_ranks
+from ._warnings import warn_user
 from .cache import MISSING, StoragePolicy, snapshot
 from .capture import get_local
 from .fused import bind_sdpa_arguments, sdpa_weights, select_weights, validate_selection
@@ -90,8 +90,6 @@ _UNSEEN_KERNELS = frozenset(
 )
 _SEEN_IMPLEMENTATIONS = ("eager", "sdpa")
 
-# Top-level packages whose frames a warning skips to reach the user's code.
-_INTERNAL = frozenset({"visualizer", "torch", "contextlib", "transformers"})
 
 _MULTI_HEAD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _FUNCTIONAL_MULTI_HEAD_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -672,7 +670,7 @@ class AttentionRecorder:
         if token in self._warned:
             return
         self._warned.add(token)
-        _warn(message)
+        warn_user(message)
 
     def _warn_nested(self, path):
         self._warn_once(
@@ -709,7 +707,7 @@ class AttentionRecorder:
                 "F.multi_head_attention_forward and forwards decorated with get_local; none ran"
                 + (f". Modules whose attention cannot be seen: {unseen[:5]}" if unseen else "")
             )
-        _warn(message)
+        warn_user(message)
 
 
 class _Frame:
@@ -777,15 +775,6 @@ class _AttentionMode(TorchFunctionMode):
         elif func is F.multi_head_attention_forward:
             self._recorder._functional_multi_head(args, kwargs)
         return output
-
-
-def _warn(message):
-    """A RuntimeWarning pointing at the user's code: the first frame outside this
-    library, torch, transformers and contextlib (hooks run deep inside Module.__call__)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL:
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level + 1)
 
 
 def _multi_head_weights(

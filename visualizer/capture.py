@@ -17,6 +17,8 @@ capture can be switched at any time, every existing reference to the function
 sees the switch, and a deactivated function runs its own code at no cost.
 """
 import contextlib
+import multiprocessing
+import os
 import sys
 import threading
 import types
@@ -26,6 +28,7 @@ import weakref
 from ._errors import VisualizerError
 from ._ranks import captures_here, validate_ranks
 from ._rewrite import READ_FROM_FRAME, instrument, local_names
+from ._warnings import warn_user
 from .cache import IMMUTABLE_TYPES, MISSING, CaptureStore, StoragePolicy, snapshot
 
 _MAX_WRAPPED_DEPTH = 100
@@ -33,6 +36,10 @@ _MAX_WRAPPED_DEPTH = 100
 # What keep() returns for a tensor captured while autograd's backward re-runs a
 # forward (activation checkpointing): the recorder then stores nothing.
 _RECOMPUTED = object()
+
+# The process whose captures were last checked for being in a child process
+# (a DataLoader worker): checked once per process, on its first tensor capture.
+_checked_process = [None]
 
 
 class _Registration:
@@ -157,19 +164,46 @@ class GetLocal:
 
     def _turn_on(self):
         with self._lock:
-            self._active = True
+            was_active, self._active = self._active, True
             for registration in list(self._registrations.values()):
                 self._install(registration)
+        if not was_active:
+            self._forget_compiled_code()
 
     def deactivate(self):
         """Turn capture off: every decorated function gets its original code back."""
         with self._lock:
-            self._active = False
+            was_active, self._active = self._active, False
             for registration in list(self._registrations.values()):
                 registration.original_code = registration.current_code()
                 registration.target.__code__ = registration.original_code
                 registration.installed_code = None
                 registration.target.__dict__.pop("_torchdynamo_disable", None)
+        if was_active:
+            self._forget_compiled_code()
+
+    def _forget_compiled_code(self):
+        """Make torch.compile'd code see the switch: drop what Dynamo compiled.
+
+        Dynamo inlines a decorated function into the compiled graph of its
+        caller and keeps running that graph after `__code__` is swapped, so a
+        model compiled while capture was off would capture nothing after
+        activate() (and one compiled while on would go on graph-breaking after
+        deactivate()). Resetting Dynamo makes the next call recompile with the
+        code now in place: captures then equal eager mode's. Only when Dynamo
+        has compiled something; it costs one recompilation, said once.
+        """
+        convert_frame = sys.modules.get("torch._dynamo.convert_frame")
+        if convert_frame is None or not convert_frame.input_codes.seen:
+            return
+        sys.modules["torch._dynamo"].reset()
+        if "compiled" not in self._warned:
+            self._warned.add("compiled")
+            warn_user(
+                "get_local: capture was switched while torch.compile'd code existed; Dynamo's "
+                "compiled code was reset so that it sees the switch, and compiled models "
+                "recompile on their next call (warned once)"
+            )
 
     @property
     def is_activate(self):
@@ -307,6 +341,7 @@ class GetLocal:
         select = registration.select
         warn_missing = self._warn_missing
         warn_tracing = self._warn_tracing
+        warn_child_process = self._warn_child_process
         warn_left_to_fused = self._warn_left_to_fused
 
         def keep(name, value):
@@ -320,6 +355,9 @@ class GetLocal:
             if type(value) not in IMMUTABLE_TYPES:
                 torch = sys.modules.get("torch")
                 if torch is not None:
+                    if _checked_process[0] != os.getpid():
+                        _checked_process[0] = os.getpid()
+                        warn_child_process(key, torch)
                     if torch._C._current_autograd_node() is not None:
                         # Activation checkpointing re-running the forward
                         # during backward: not a new call.
@@ -394,6 +432,30 @@ class GetLocal:
         self._warned.add(token)
         warnings.warn(message, RuntimeWarning, stacklevel=4 + calls_below_recorder)
 
+    def _warn_child_process(self, key, torch):
+        """Say so when a capture happens where its cache cannot reach the user's process."""
+        where = None
+        data = sys.modules.get("torch.utils.data")
+        info = data.get_worker_info() if data is not None else None
+        if info is not None:
+            where = f"DataLoader worker {info.id} of {info.num_workers}"
+        elif (
+            multiprocessing.parent_process() is not None
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            and "RANK" not in os.environ
+        ):
+            where = f"child process {os.getpid()} of process {multiprocessing.parent_process().pid}"
+        if where is None:
+            return
+        self._warn_once(
+            ("child process", os.getpid()),
+            f"get_local: {key} was captured in {where}: captures stay in that process's "
+            "get_local.cache and never reach the parent process. Run the decorated code in the "
+            "main process to look at it (e.g. DataLoader(num_workers=0)), or send the values "
+            "back yourself (warned once per process)",
+            calls_below_recorder=1,  # keep()
+        )
+
     def _warn_tracing(self, key):
         self._warn_once(
             ("trace", key),
@@ -460,6 +522,12 @@ def _run_eagerly_under_compile(function, code):
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(code)
+    # The recorders' own frames (record, keep, ...: the nested functions of
+    # _make_recorder, one code object each for all recorders) are not worth
+    # compiling either: Dynamo would only graph-break inside them.
+    for constant in GetLocal._make_recorder.__code__.co_consts:
+        if isinstance(constant, types.CodeType):
+            skip_code(constant)
     # The attribute Dynamo's inliner checks for torch.compiler.disable'd
     # functions; removed again by deactivate().
     function._torchdynamo_disable = True
