@@ -184,7 +184,7 @@ def test_get_local_on_an_attention_function_the_model_never_calls_says_why():
     with pytest.warns(
         RuntimeWarning,
         match=r"get_local: nothing was captured for "
-        r"eager_attention_forward: it is switched on but has not returned .* "
+        r"eager_attention_forward: it is switched on, but no call of it was recorded .* "
         r"attn_implementation='sdpa'.*capture_attention\(model\)",
     ) as caught:
         entries = get_local.cache["eager_attention_forward"]

@@ -292,3 +292,46 @@ def test_switching_capture_with_compiled_code_around_says_it_resets_dynamo():
     assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 3.0))
     assert [y.tolist() for y in gl.cache[double.__qualname__]] == [[2.0, 2.0]]
     gl.deactivate()
+
+
+class _Summed(torch.nn.Module):
+    def forward(self, x):
+        return _sine_sum(x)
+
+
+@get_local("y")
+def _sine_sum(x):
+    y = x.sin()
+    return y.sum()
+
+
+TRANSFORMS = {
+    "vmap": (lambda: torch.func.vmap(_sine_sum)(torch.ones(3, 2)), "a torch.func transform"),
+    "grad": (lambda: torch.func.grad(_sine_sum)(torch.ones(3)), "a torch.func transform"),
+    "jacrev": (lambda: torch.func.jacrev(_sine_sum)(torch.ones(3)), "a torch.func transform"),
+    "fx": (lambda: torch.fx.symbolic_trace(_Summed()), "torch.fx symbolic tracing"),
+    "export": (
+        lambda: torch.export.export(_Summed(), (torch.ones(3),)),
+        "torch.export or fake-tensor tracing",
+    ),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_transforms_that_trace_are_not_recorded_and_the_call_is_unchanged(transform):
+    run, named = TRANSFORMS[transform]
+    expected = run() if transform in ("vmap", "grad", "jacrev") else None
+    gl = GetLocal()
+    gl("y")(_sine_sum)  # the same function, under a fresh switch with its own warnings
+    gl.activate()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"_sine_sum ran under {named}.*'y' is not a "
+                          "concrete value; such calls are not recorded"):
+            result = run()
+        if expected is not None:
+            assert torch.equal(result, expected)
+        assert gl.cache.get("_sine_sum") == []
+        _sine_sum(torch.ones(2))  # an ordinary call still records
+        assert len(gl.cache["_sine_sum"]) == 1
+    finally:
+        gl.deactivate()

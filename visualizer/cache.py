@@ -193,7 +193,7 @@ class CaptureStore:
     def __init__(self):
         # Called with a key whose empty list a user reads (see CaptureCache).
         self.on_empty_read = None
-        self.cache = CaptureCache(self)
+        self.cache = self.new_cache()
         self.dropped = {}
         self.policy = StoragePolicy()
         # How many fused-attention recorders (visualizer.fused) write here.
@@ -202,6 +202,12 @@ class CaptureStore:
         self.fused_recorders = 0
         self._lock = threading.Lock()
         self._warned_bound = set()
+
+    def new_cache(self, contents=()):
+        """A CaptureCache of this store, holding `contents` (a dict or pairs)."""
+        cache = CaptureCache(self)
+        cache.update(contents)
+        return cache
 
     @contextlib.contextmanager
     def scoped(self, policy):
@@ -212,7 +218,7 @@ class CaptureStore:
         """
         with self._lock:
             saved = (self.cache, self.dropped, self.policy)
-            fresh = CaptureCache(self)
+            fresh = self.new_cache()
             self.cache, self.dropped, self.policy = fresh, {}, policy
         try:
             yield fresh

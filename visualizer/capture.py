@@ -33,9 +33,11 @@ from .cache import IMMUTABLE_TYPES, MISSING, CaptureStore, StoragePolicy, snapsh
 
 _MAX_WRAPPED_DEPTH = 100
 
-# What keep() returns for a tensor captured while autograd's backward re-runs a
-# forward (activation checkpointing): the recorder then stores nothing.
-_RECOMPUTED = object()
+# What keep() returns for a value that is not a new call's value: captured while
+# autograd's backward re-runs a forward (activation checkpointing), or under a
+# transform that traces instead of computing (torch.func, export, fx). The
+# recorder then stores nothing.
+_NOT_RECORDED = object()
 
 # The process whose captures were last checked for being in a child process
 # (a DataLoader worker): checked once per process, on its first tensor capture.
@@ -292,7 +294,8 @@ class GetLocal:
             raise VisualizerError(
                 f"get_local.cache must be a dict; got {type(value).__qualname__}"
             )
-        self._store.cache = value
+        # Its contents go into a CaptureCache, which can say why a list is empty.
+        self._store.cache = self._store.new_cache(value)
 
     @property
     def dropped(self):
@@ -342,6 +345,7 @@ class GetLocal:
         warn_missing = self._warn_missing
         warn_tracing = self._warn_tracing
         warn_child_process = self._warn_child_process
+        warn_transform = self._warn_transform
         warn_left_to_fused = self._warn_left_to_fused
 
         def keep(name, value):
@@ -361,7 +365,11 @@ class GetLocal:
                     if torch._C._current_autograd_node() is not None:
                         # Activation checkpointing re-running the forward
                         # during backward: not a new call.
-                        return _RECOMPUTED
+                        return _NOT_RECORDED
+                    transform = _tracing_transform(torch, value)
+                    if transform is not None:
+                        warn_transform(key, name, transform)
+                        return _NOT_RECORDED
                     if torch._C._get_tracing_state() is not None:
                         warn_tracing(key)
                 value = snapshot(value, store.policy)
@@ -387,7 +395,7 @@ class GetLocal:
                         return
                 if needs_keep or type(value) not in IMMUTABLE_TYPES:
                     value = keep(only_name, value)
-                    if value is _RECOMPUTED:
+                    if value is _NOT_RECORDED:
                         return
                 # Inline CaptureStore.append: dict.setdefault and list.append
                 # are atomic under the GIL; trimming takes the store's lock.
@@ -415,7 +423,7 @@ class GetLocal:
             entry = {}
             for name, value in found.items():  # a loop, not a comprehension: the
                 entry[name] = keep(name, value)  # warnings' stack depth must not vary
-            if any(value is _RECOMPUTED for value in entry.values()):
+            if any(value is _NOT_RECORDED for value in entry.values()):
                 return
             store.append(key, entry)
 
@@ -456,6 +464,15 @@ class GetLocal:
             calls_below_recorder=1,  # keep()
         )
 
+    def _warn_transform(self, key, name, transform):
+        self._warn_once(
+            ("transform", key),
+            f"get_local: {key} ran under {transform}, where {name!r} is not a concrete value; "
+            "such calls are not recorded (the call itself runs as without capture; warned "
+            "once per function)",
+            calls_below_recorder=1,  # keep()
+        )
+
     def _warn_tracing(self, key):
         self._warn_once(
             ("trace", key),
@@ -492,9 +509,9 @@ class GetLocal:
             )
         self._warn_once(
             ("not called", key),
-            f"get_local: nothing was captured for {key}: it is switched on but has not returned "
-            f"since capture was switched on or the cache cleared, so the code that ran did not "
-            f"call it.{hint} (warned once per function)",
+            f"get_local: nothing was captured for {key}: it is switched on, but no call of it "
+            f"was recorded since capture was switched on or the cache cleared; the code that "
+            f"ran most likely did not call it.{hint} (warned once per function)",
             calls_below_recorder=0,
         )
 
@@ -531,6 +548,25 @@ def _run_eagerly_under_compile(function, code):
     # The attribute Dynamo's inliner checks for torch.compiler.disable'd
     # functions; removed again by deactivate().
     function._torchdynamo_disable = True
+
+
+def _tracing_transform(torch, value):
+    """The transform tracing `value` instead of computing it, or None.
+
+    torch.func (vmap, grad, jacrev, ...) wraps tensors in levels, torch.export
+    runs on fake and functional tensors, torch.fx.symbolic_trace passes Proxy
+    objects: none of them holds the numbers a call computes.
+    """
+    if isinstance(value, torch.Tensor):
+        if torch._C._functorch.is_functorch_wrapped_tensor(value):
+            return "a torch.func transform (vmap, grad, jacrev, ...)"
+        if type(value).__name__ in ("FakeTensor", "FunctionalTensor"):
+            return "torch.export or fake-tensor tracing"
+        return None
+    fx = sys.modules.get("torch.fx")
+    if fx is not None and isinstance(value, fx.Proxy):
+        return "torch.fx symbolic tracing"
+    return None
 
 
 def _apply_select(chooser, value, key, name):
