@@ -317,7 +317,7 @@ class AttentionRecorder:
         self._module_calls = 0
         self._warn_unseen_modules()
         inside_encoder_layers = set()
-        for path, module in self._paths.items():
+        for module in self._paths.values():
             if isinstance(module, nn.TransformerEncoderLayer):
                 # Its fast path is off as soon as it or any submodule has a
                 # hook: it is watched through its own forward instead.
