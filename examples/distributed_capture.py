@@ -82,6 +82,8 @@ def run(rank, world_size, args):
         summary = report(everything, shares, images, step_maps, args.out)
         (args.out / "summary.json").write_text(json.dumps(summary))
         print(f"summary and figure written to {args.out}/")
+    # Tear down together: a rank leaving gloo while another still works can abort it.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -56,6 +56,7 @@ def _initialised(rank, worker, args):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         worker(rank, *args)
+        dist.barrier()  # tear down together: gloo can abort a rank that leaves early
     finally:
         get_local.deactivate()
         dist.destroy_process_group()
@@ -208,6 +209,7 @@ from visualizer import get_local
 dist.init_process_group("gloo")
 print(f"rank {dist.get_rank()} RANK {os.environ['RANK']} active {get_local.is_activate} "
       f"dtype {get_local.policy.dtype}")
+dist.barrier()
 dist.destroy_process_group()
 """
 
