@@ -687,3 +687,21 @@ def test_get_local_left_on_a_fused_forward_gives_one_map_per_call():
     from visualizer import MISSING
 
     assert alone["Attention.forward"] == [MISSING] * 3
+
+
+def test_ranks_leave_other_processes_off():
+    """A plain single process is rank 0: ranks=[1] records nothing, ranks=[0] records."""
+    q = torch.randn(1, 2, 3, 4)
+    sdpa_capture.activate(ranks=1)
+    assert not sdpa_capture.is_active
+    with sdpa_capture.capture(ranks=[1]) as cache:
+        assert not sdpa_capture.is_active
+        F.scaled_dot_product_attention(q, q, q)
+    assert cache == {}
+    with sdpa_capture.capture(ranks=[0, 1]) as cache:
+        F.scaled_dot_product_attention(q, q, q)
+    assert [entry.shape for entry in cache["test_ranks_leave_other_processes_off"]] == [
+        (1, 2, 3, 3)
+    ]
+    with pytest.raises(VisualizerError, match="sdpa_capture: ranks must be None, an int"):
+        sdpa_capture.activate(ranks="0")
