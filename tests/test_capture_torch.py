@@ -335,3 +335,70 @@ def test_transforms_that_trace_are_not_recorded_and_the_call_is_unchanged(transf
         assert len(gl.cache["_sine_sum"]) == 1
     finally:
         gl.deactivate()
+
+
+UNSTORABLE = {
+    "float8": lambda: torch.zeros(2).to(torch.float8_e4m3fn),
+    "complex32": lambda: torch.zeros(2, dtype=torch.complex32),
+    "sparse": lambda: torch.eye(2).to_sparse(),
+    "meta": lambda: torch.empty(2, device="meta"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSTORABLE))
+def test_tensors_numpy_cannot_hold_become_markers_not_errors(kind):
+    from visualizer import NOT_CAPTURED
+
+    gl = GetLocal()
+
+    @gl("value")
+    def make():
+        value = UNSTORABLE[kind]()
+        return value.shape
+
+    gl.activate()
+    with pytest.warns(RuntimeWarning, match=r"'value' in .*make could not be stored"):
+        shape = make()  # the user's call is not broken by the capture
+    assert shape == (2,) or shape == (2, 2)
+    assert gl.cache[make.__qualname__] == [NOT_CAPTURED]
+    gl.deactivate()
+
+
+def test_huggingface_model_output_is_snapshotted():
+    transformers = pytest.importorskip("transformers")
+    output = transformers.modeling_outputs.BaseModelOutput(
+        last_hidden_state=torch.zeros(1, 2), attentions=(torch.ones(1, 1, 2, 2),)
+    )
+    gl = GetLocal()
+
+    @gl("result")
+    def forward():
+        result = output
+        return result
+
+    gl.activate()
+    forward()
+    entry = gl.cache[forward.__qualname__][0]
+    output.last_hidden_state.add_(5)  # changed in place after the call
+    assert type(entry) is type(output)
+    np.testing.assert_array_equal(entry.last_hidden_state, np.zeros((1, 2)))
+    np.testing.assert_array_equal(entry["attentions"][0], np.ones((1, 1, 2, 2)))
+    gl.deactivate()
+
+
+def test_a_module_is_not_copied_on_every_call():
+    from visualizer import NOT_CAPTURED
+
+    gl = GetLocal()
+
+    @gl("layer")
+    def build():
+        layer = torch.nn.Linear(2, 2)
+        return layer
+
+    gl.activate()
+    with pytest.warns(RuntimeWarning, match=r"a Linear module is not copied on every call; "
+                      r"capture the tensors you need from it"):
+        assert isinstance(build(), torch.nn.Linear)
+    assert gl.cache[build.__qualname__] == [NOT_CAPTURED]
+    gl.deactivate()

@@ -5,12 +5,13 @@
 """
 from ._environment import switch_on_from_environment
 from ._errors import VisualizerError
-from .cache import MISSING, StoragePolicy, load_cache, save_cache
+from .cache import MISSING, NOT_CAPTURED, StoragePolicy, load_cache, save_cache
 from .capture import get_local
 
 __all__ = [
     "AttentionMaps",
     "MISSING",
+    "NOT_CAPTURED",
     "StoragePolicy",
     "VisualizerError",
     "all_gather",

@@ -8,6 +8,8 @@ torch is imported lazily (only when a torch tensor is seen), so this module
 works on Pythons where torch is not installed.
 """
 import contextlib
+import copy
+import dataclasses
 import json
 import sys
 import threading
@@ -19,24 +21,31 @@ from ._arrays import is_torch_tensor
 from ._errors import VisualizerError
 
 
-class _Missing:
-    """Marks a name that was not bound when the function returned."""
+class _Marker:
+    """A cache entry that stands for a value that is not there; falsy, one per name."""
 
-    __slots__ = ()
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        self._name = name
 
     def __repr__(self):
-        return "MISSING"
+        return self._name
 
     def __bool__(self):
         return False
 
     def __reduce__(self):
-        # Pickled (gathered from another rank) or deep-copied, it is still
-        # the one MISSING: `value is MISSING` keeps working.
-        return "MISSING"
+        # Pickled (gathered from another rank) or copied, it is still the one
+        # marker: `value is MISSING` keeps working.
+        return self._name
 
 
-MISSING = _Missing()
+# A name that was not bound when the function returned.
+MISSING = _Marker("MISSING")
+# A value that could not be stored (an object that cannot be copied, a tensor
+# numpy cannot hold): recorded in its place, with a warning, so the call goes on.
+NOT_CAPTURED = _Marker("NOT_CAPTURED")
 
 _TORCH_ONLY_DTYPES = ("bfloat16",)
 
@@ -136,7 +145,7 @@ def snapshot(value, policy, owned=False):
     nothing else holds (recomputed attention weights): it is stored without a
     copy wherever the policy allows, since no one can change it.
     """
-    if type(value) in IMMUTABLE_TYPES:
+    if type(value) in IMMUTABLE_TYPES or isinstance(value, np.generic) or value is NOT_CAPTURED:
         return value
     if is_torch_tensor(value):
         return _snapshot_tensor(sys.modules["torch"], value, policy, owned)
@@ -146,7 +155,37 @@ def snapshot(value, policy, owned=False):
         return type(value)(snapshot(item, policy) for item in value)
     if type(value) is dict:
         return {key: snapshot(item, policy) for key, item in value.items()}
-    return value
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):  # a namedtuple
+        return type(value)(*(snapshot(item, policy) for item in value))
+    if isinstance(value, dict):
+        # OrderedDict, defaultdict, transformers' ModelOutput: a copy of the
+        # same type, its items snapshotted (ModelOutput keeps its attributes).
+        copied = copy.copy(value)
+        for key, item in value.items():
+            copied[key] = snapshot(item, policy)
+        return copied
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        copied = copy.copy(value)
+        for field in dataclasses.fields(value):
+            # object.__setattr__: frozen dataclasses too.
+            object.__setattr__(copied, field.name, snapshot(getattr(value, field.name), policy))
+        return copied
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.nn.Module):
+        raise Uncapturable(
+            f"a {type(value).__qualname__} module is not copied on every call; capture the "
+            "tensors you need from it"
+        )
+    try:
+        return copy.deepcopy(value)
+    except Exception as error:
+        raise Uncapturable(
+            f"a {type(value).__qualname__} cannot be copied ({type(error).__name__}: {error})"
+        ) from None
+
+
+class Uncapturable(Exception):
+    """Raised by snapshot for a value it cannot copy; the recorder stores NOT_CAPTURED."""
 
 
 def _snapshot_tensor(torch, tensor, policy, owned=False):
@@ -283,7 +322,7 @@ def save_cache(cache, path):
     """Write a cache dict to an .npz file, without pickle.
 
     Arrays and tensors become arrays (bfloat16 as float32, which holds it
-    exactly); MISSING, None, numbers, strings and lists or tuples of them are
+    exactly); MISSING, NOT_CAPTURED, None, numbers, strings and lists or tuples of them are
     kept in a JSON manifest stored in the same file.
 
     Args:
@@ -295,6 +334,8 @@ def save_cache(cache, path):
     def encode(value, where):
         if value is MISSING:
             return {"missing": True}
+        if value is NOT_CAPTURED:
+            return {"not_captured": True}
         if value is None or isinstance(value, (bool, int, float, str)):
             return {"scalar": value}
         if is_torch_tensor(value):
@@ -392,6 +433,8 @@ def _read_archive(archive, path, expected):
     def decode(encoded):
         if "missing" in encoded:
             return MISSING
+        if "not_captured" in encoded:
+            return NOT_CAPTURED
         if "scalar" in encoded:
             return encoded["scalar"]
         if "array" in encoded:

@@ -29,7 +29,14 @@ from ._errors import VisualizerError
 from ._ranks import captures_here, validate_ranks
 from ._rewrite import READ_FROM_FRAME, instrument, local_names
 from ._warnings import warn_user
-from .cache import IMMUTABLE_TYPES, MISSING, CaptureStore, StoragePolicy, snapshot
+from .cache import (
+    IMMUTABLE_TYPES,
+    MISSING,
+    NOT_CAPTURED,
+    CaptureStore,
+    StoragePolicy,
+    snapshot,
+)
 
 _MAX_WRAPPED_DEPTH = 100
 
@@ -346,6 +353,7 @@ class GetLocal:
         warn_tracing = self._warn_tracing
         warn_child_process = self._warn_child_process
         warn_transform = self._warn_transform
+        warn_not_captured = self._warn_not_captured
         warn_left_to_fused = self._warn_left_to_fused
 
         def keep(name, value):
@@ -372,7 +380,14 @@ class GetLocal:
                         return _NOT_RECORDED
                     if torch._C._get_tracing_state() is not None:
                         warn_tracing(key)
-                value = snapshot(value, store.policy)
+                try:
+                    value = snapshot(value, store.policy)
+                except Exception as error:  # noqa: BLE001 - the user's call must go on
+                    # An object snapshot cannot copy, or a tensor the policy cannot
+                    # store (float8 or sparse into numpy, a meta tensor): a marker
+                    # in its place, never the live object, never an error here.
+                    warn_not_captured(key, name, error)
+                    value = NOT_CAPTURED
             return value
 
         # The recorder's own cost is most of the cost of capture (see
@@ -461,6 +476,14 @@ class GetLocal:
             "get_local.cache and never reach the parent process. Run the decorated code in the "
             "main process to look at it (e.g. DataLoader(num_workers=0)), or send the values "
             "back yourself (warned once per process)",
+            calls_below_recorder=1,  # keep()
+        )
+
+    def _warn_not_captured(self, key, name, error):
+        self._warn_once(
+            ("not captured", key, name),
+            f"get_local: {name!r} in {key} could not be stored ({error}); its cache entry is "
+            "visualizer.NOT_CAPTURED (warned once per function and name)",
             calls_below_recorder=1,  # keep()
         )
 
