@@ -705,3 +705,18 @@ def test_ranks_leave_other_processes_off():
     ]
     with pytest.raises(VisualizerError, match="sdpa_capture: ranks must be None, an int"):
         sdpa_capture.activate(ranks="0")
+
+
+def test_capture_block_restores_the_entry_state_even_if_switched_inside():
+    key = "test_capture_block_restores_the_entry_state_even_if_switched_inside"
+    q = torch.randn(1, 1, 3, 2)
+    sdpa_capture.activate(rows=0)
+    with sdpa_capture.capture(rows=1):
+        sdpa_capture.deactivate()
+    assert sdpa_capture.is_active
+    F.scaled_dot_product_attention(q, q, q)  # on again, with the entry's rows=0
+    assert sdpa_capture.cache[key][-1].shape == (1, 1, 1, 3)
+    sdpa_capture.deactivate()
+    with sdpa_capture.capture():
+        sdpa_capture.activate()
+    assert not sdpa_capture.is_active

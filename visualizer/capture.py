@@ -244,9 +244,10 @@ class GetLocal:
                     self.deactivate()
                 yield fresh
             finally:
-                if was_active and not here:
+                # Exactly the state on entry, whatever the block switched.
+                if was_active:
                     self._turn_on()
-                elif not was_active:
+                else:
                     self.deactivate()
 
     def key_of(self, function):

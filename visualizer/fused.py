@@ -197,10 +197,9 @@ class SdpaCapture:
                     self._switch_off(stacklevel=4)
                 yield fresh
             finally:
+                # Exactly the state on entry, whatever the block switched.
                 if was_active:
-                    self._rows, self._heads = saved_rows, saved_heads
-                    if not here:
-                        self.activate(saved_rows, saved_heads)
+                    self.activate(saved_rows, saved_heads)
                 else:
                     # Above _switch_off: this generator, contextlib's __exit__, the user.
                     self._switch_off(stacklevel=4)

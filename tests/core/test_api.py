@@ -350,6 +350,9 @@ def a_function(x):
     return attn
 
 
+_ORIGINAL_A_FUNCTION_CODE = a_function.__code__
+
+
 class AClass:
     pass
 
@@ -509,3 +512,15 @@ def test_ipython_autoreload_edit_is_captured(gl, module_dir):
     assert forward(2) == 200 and gl.cache[forward.__qualname__] == [200]
     gl.deactivate()
     assert forward(2) == 200
+
+
+def test_capture_block_restores_the_entry_state_even_if_switched_inside(gl):
+    gl("attn")(a_function)
+    gl.activate()
+    with gl.capture():
+        gl.deactivate()
+    assert gl.is_activate and a_function.__code__ is not _ORIGINAL_A_FUNCTION_CODE
+    gl.deactivate()
+    with gl.capture():
+        gl.activate()
+    assert not gl.is_activate and a_function.__code__ is _ORIGINAL_A_FUNCTION_CODE
