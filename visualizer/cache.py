@@ -226,21 +226,58 @@ class CaptureCache(dict):
         return entries
 
 
+class Scope:
+    """Where captures go: a cache dict, its drop counts and its storage policy."""
+
+    __slots__ = ("cache", "dropped", "policy")
+
+    def __init__(self, cache, dropped, policy):
+        self.cache = cache
+        self.dropped = dropped
+        self.policy = policy
+
+
 class CaptureStore:
-    """The cache dict plus what guards it: the policy, a lock, drop counts."""
+    """The caches captures go to, plus what guards them: policies, a lock, drop counts.
+
+    One process-wide scope, and per thread a stack of scopes opened by
+    `scoped()` blocks: a thread records into its innermost open block, else
+    into the process-wide scope. `cache`, `dropped` and `policy` read and
+    write this thread's current scope.
+    """
 
     def __init__(self):
         # Called with a key whose empty list a user reads (see CaptureCache).
         self.on_empty_read = None
-        self.cache = self.new_cache()
-        self.dropped = {}
-        self.policy = StoragePolicy()
+        self.process_scope = Scope(self.new_cache(), {}, StoragePolicy())
+        # scoped() blocks open in any thread: while none is, recorders go
+        # straight to process_scope without a thread-local lookup.
+        self.open_scopes = 0
+        self._threads = threading.local()
         # How many fused-attention recorders (visualizer.fused) write here.
         # While any does, get_local leaves a call whose names are all unbound
         # to them instead of recording MISSING (see GetLocal).
         self.fused_recorders = 0
         self._lock = threading.Lock()
         self._warned_bound = set()
+
+    def current(self):
+        """The scope this thread records into."""
+        if self.open_scopes:
+            stack = getattr(self._threads, "stack", None)
+            if stack:
+                return stack[-1]
+        return self.process_scope
+
+    cache = property(
+        lambda self: self.current().cache,
+        lambda self, value: setattr(self.current(), "cache", value),
+    )
+    dropped = property(lambda self: self.current().dropped)
+    policy = property(
+        lambda self: self.current().policy,
+        lambda self, value: setattr(self.current(), "policy", value),
+    )
 
     def new_cache(self, contents=()):
         """A CaptureCache of this store, holding `contents` (a dict or pairs)."""
@@ -250,41 +287,47 @@ class CaptureStore:
 
     @contextlib.contextmanager
     def scoped(self, policy):
-        """Point the store at a fresh cache with `policy` for a block, then restore.
+        """Capture this thread's calls into a fresh cache with `policy` for a block.
 
-        Yields the fresh dict. The previous cache, drop counts and policy come
-        back on exit, also when the block raises.
+        Yields the fresh dict. Other threads keep recording where they did;
+        on exit, also when the block raises, this thread records where it did
+        before.
         """
+        scope = Scope(self.new_cache(), {}, policy)
+        stack = getattr(self._threads, "stack", None)
+        if stack is None:
+            stack = self._threads.stack = []
+        stack.append(scope)
         with self._lock:
-            saved = (self.cache, self.dropped, self.policy)
-            fresh = self.new_cache()
-            self.cache, self.dropped, self.policy = fresh, {}, policy
+            self.open_scopes += 1
         try:
-            yield fresh
+            yield scope.cache
         finally:
             with self._lock:
-                self.cache, self.dropped, self.policy = saved
+                self.open_scopes -= 1
+            stack.remove(scope)
 
     def append(self, key, entry):
-        """Append one call's entry (already a snapshot) under `key`.
+        """Append one call's entry (already a snapshot) under `key`, in this thread's scope.
 
         The common path takes no lock: dict.setdefault and list.append are
         atomic under the GIL. Only trimming to max_entries, a read-modify-write,
         is locked.
         """
-        entries = self.cache.get(key)
+        scope = self.current()
+        entries = scope.cache.get(key)
         if entries is None:
-            entries = self.cache.setdefault(key, [])
+            entries = scope.cache.setdefault(key, [])
         entries.append(entry)
-        if self.policy.max_entries is not None:
-            self.trim(key, entries, stacklevel=4)
+        if scope.policy.max_entries is not None:
+            self.trim(key, entries, scope, stacklevel=4)
 
-    def trim(self, key, entries, stacklevel=3):
-        """Drop the oldest entries of `key` beyond max_entries, counting them.
+    def trim(self, key, entries, scope, stacklevel=3):
+        """Drop the oldest entries of `key` beyond the scope's max_entries, counting them.
 
         `stacklevel` makes the one-time warning point at the captured function.
         """
-        limit = self.policy.max_entries
+        limit = scope.policy.max_entries
         if len(entries) <= limit:
             return
         with self._lock:
@@ -292,7 +335,7 @@ class CaptureStore:
             if excess <= 0:
                 return
             del entries[:excess]
-            self.dropped[key] = self.dropped.get(key, 0) + excess
+            scope.dropped[key] = scope.dropped.get(key, 0) + excess
         if key not in self._warned_bound:
             self._warned_bound.add(key)
             warnings.warn(
@@ -303,15 +346,16 @@ class CaptureStore:
             )
 
     def clear(self):
-        """Empty every list, keeping the keys (as the original Visualizer did).
+        """Empty every list of this thread's scope, keeping the keys (as the original did).
 
         New lists are put in place, so lists a user took from the cache keep
         their contents.
         """
+        scope = self.current()
         with self._lock:
-            for key in self.cache:
-                self.cache[key] = []
-            self.dropped.clear()
+            for key in scope.cache:
+                scope.cache[key] = []
+            scope.dropped.clear()
 
 
 _FORMAT = "visualizer-cache"

@@ -403,6 +403,8 @@ class GetLocal:
             (only_name,) = names
             needs_keep = bool(select)
 
+            process_scope = store.process_scope  # one object for the store's lifetime
+
             def record(value):
                 if value is READ_FROM_FRAME:
                     value = sys._getframe(1).f_locals.get(only_name, MISSING)
@@ -415,12 +417,14 @@ class GetLocal:
                         return
                 # Inline CaptureStore.append: dict.setdefault and list.append
                 # are atomic under the GIL; trimming takes the store's lock.
-                entries = store.cache.get(key)
+                # No thread-local lookup unless a capture() block is open.
+                scope = process_scope if not store.open_scopes else store.current()
+                entries = scope.cache.get(key)
                 if entries is None:
-                    entries = store.cache.setdefault(key, [])
+                    entries = scope.cache.setdefault(key, [])
                 entries.append(value)
-                if store.policy.max_entries is not None:
-                    store.trim(key, entries)
+                if scope.policy.max_entries is not None:
+                    store.trim(key, entries, scope)
 
             return record
 

@@ -524,3 +524,40 @@ def test_capture_block_restores_the_entry_state_even_if_switched_inside(gl):
     with gl.capture():
         gl.activate()
     assert not gl.is_activate and a_function.__code__ is _ORIGINAL_A_FUNCTION_CODE
+
+
+def test_capture_blocks_in_two_threads_are_independent(gl):
+    @gl("attn")
+    def tagged(tag):
+        attn = tag
+        return attn
+
+    process_cache = gl.cache
+    inside = threading.Barrier(2)
+    results = {}
+
+    def worker(tag):
+        with gl.capture() as cache:
+            inside.wait()  # both blocks open at once
+            for _ in range(50):
+                tagged(tag)
+            inside.wait()
+        results[tag] = cache
+
+    threads = [threading.Thread(target=worker, args=(tag,)) for tag in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["a"][tagged.__qualname__] == ["a"] * 50
+    assert results["b"][tagged.__qualname__] == ["b"] * 50
+    assert gl.cache is process_cache and not gl.is_activate
+    # A call in a thread with no block open goes to the process-wide cache.
+    gl.activate()
+    with gl.capture() as block:
+        thread = threading.Thread(target=tagged, args=("elsewhere",))
+        thread.start()
+        thread.join()
+        tagged("here")
+    assert block[tagged.__qualname__] == ["here"]
+    assert gl.cache[tagged.__qualname__] == ["elsewhere"]
