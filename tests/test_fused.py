@@ -720,3 +720,63 @@ def test_capture_block_restores_the_entry_state_even_if_switched_inside():
     with sdpa_capture.capture():
         sdpa_capture.activate()
     assert not sdpa_capture.is_active
+
+
+def _attend(q):
+    return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_capture_blocks_in_two_threads_each_get_their_own_calls():
+    import threading
+
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def worker(rows, length):
+        q = torch.randn(1, 2, length, 4)
+        with sdpa_capture.capture(rows=rows) as cache:
+            barrier.wait()  # both blocks open at once
+            for _ in range(5):
+                _attend(q)
+            barrier.wait()
+        results[length] = cache
+
+    threads = [threading.Thread(target=worker, args=args) for args in ((0, 3), (None, 5))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [e.shape for e in results[3]["_attend"]] == [(1, 2, 1, 3)] * 5
+    assert [e.shape for e in results[5]["_attend"]] == [(1, 2, 5, 5)] * 5
+    assert not sdpa_capture.is_active
+
+
+def test_deactivate_from_another_thread_stops_recording_everywhere():
+    import threading
+
+    started, switched, done = threading.Event(), threading.Event(), threading.Event()
+    counts = {}
+
+    def worker():
+        q = torch.randn(1, 1, 2, 2)
+        sdpa_capture.activate()
+        _attend(q)
+        counts["before"] = len(get_local.cache["_attend"])
+        started.set()
+        switched.wait()
+        _attend(q)  # switched off from the main thread: not recorded
+        counts["after"] = len(get_local.cache["_attend"])
+        counts["active"] = sdpa_capture.is_active
+        sdpa_capture.deactivate()  # takes the inert mode off this thread's stack
+        counts["stack"] = len(torch.overrides._get_current_function_mode_stack())
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started.wait()
+    sdpa_capture.deactivate()
+    switched.set()
+    done.wait()
+    thread.join()
+    assert counts == {"before": 1, "after": 1, "active": False, "stack": 0}
+    get_local.cache.pop("_attend")

@@ -65,6 +65,7 @@ import contextlib
 import math
 import operator
 import sys
+import threading
 import warnings
 
 import torch
@@ -96,9 +97,10 @@ class SdpaCapture:
 
     def __init__(self, owner):
         self._owner = owner
-        self._mode = None
-        self._rows = None
-        self._heads = None
+        # torch's mode stack is per thread, so each thread that switches
+        # recording on gets its own mode, with its own rows and heads.
+        self._threads = threading.local()
+        self._modes = set()  # every mode that is on, in any thread
         self._keys = {}  # (qualified name, module) -> cache key
         self._warned = set()
 
@@ -115,37 +117,57 @@ class SdpaCapture:
                 (None: every process); elsewhere this stays off.
 
         Values are stored with the storage policy in force (`get_local.policy`).
-        Calling it again while on changes `rows` and `heads`.
+        Calling it again while on changes `rows` and `heads`. Recording is per
+        thread (torch's mode stack is): other threads switch on for themselves.
         """
         rows = validate_selection(rows, "rows")
         heads = validate_selection(heads, "heads")
         if not captures_here(validate_ranks(ranks, "sdpa_capture"), "sdpa_capture"):
-            self._switch_off(stacklevel=3)
+            self._switch_off_here(stacklevel=3)
             return
+        mode = getattr(self._threads, "mode", None)
+        if mode is not None and mode.on:
+            mode.rows, mode.heads = rows, heads
+            return
+        if mode is not None:  # switched off from another thread: still on our stack
+            remove_mode(mode)
+        mode = _RecordingMode(self, rows, heads)
+        mode.__enter__()
+        self._threads.mode = mode
         with self._owner._lock:
-            self._rows, self._heads = rows, heads
-            if self._mode is None:
-                mode = _RecordingMode(self)
-                mode.__enter__()
-                self._mode = mode
-                self._owner._store.fused_recorders += 1
+            self._modes.add(mode)
+            self._owner._store.fused_recorders += 1
 
     def deactivate(self):
-        """Stop recording; SDPA calls run exactly as without this library.
+        """Stop recording, in every thread; SDPA calls run exactly as without this library.
 
         Warns if torch functions ran while on but none was
         `F.scaled_dot_product_attention`: nothing was recorded, because the
         code that ran computes its attention another way.
         """
-        self._switch_off(stacklevel=3)
-
-    def _switch_off(self, stacklevel):
         with self._owner._lock:
-            mode = self._mode
-            if mode is None:
-                return
-            remove_mode(mode)
-            self._mode = None
+            modes, self._modes = self._modes, set()
+        for mode in modes:
+            self._retire(mode, stacklevel=3)
+        self._switch_off_here(stacklevel=3)
+
+    def _switch_off_here(self, stacklevel):
+        """Stop recording in this thread only (the end of a capture() block)."""
+        mode = getattr(self._threads, "mode", None)
+        if mode is None:
+            return
+        self._threads.mode = None
+        remove_mode(mode)
+        with self._owner._lock:
+            self._modes.discard(mode)
+        self._retire(mode, stacklevel + 1)
+
+    def _retire(self, mode, stacklevel):
+        """Turn `mode` off (a mode still on another thread's stack passes calls through)."""
+        if not mode.on:
+            return
+        mode.on = False
+        with self._owner._lock:
             self._owner._store.fused_recorders -= 1
         if mode.torch_calls and not mode.sdpa_calls:
             warnings.warn(
@@ -161,24 +183,25 @@ class SdpaCapture:
 
     @property
     def is_active(self):
-        """Whether SDPA calls are being recorded."""
-        return self._mode is not None
+        """Whether SDPA calls of this thread are being recorded."""
+        mode = getattr(self._threads, "mode", None)
+        return mode is not None and mode.on
 
     @contextlib.contextmanager
     def capture(
         self, rows=None, heads=None, keep_on_device=False, dtype=None, max_entries=None,
         ranks=None,
     ):
-        """Record inside a `with` block into a fresh cache, then restore.
+        """Record this thread's SDPA calls inside a `with` block into a fresh cache, then restore.
 
         Yields a new dict that receives this block's captures (SDPA weights and
-        anything `get_local` captures meanwhile), stored with the storage
-        policy these arguments describe (see `StoragePolicy`; there is no
-        `detach`, since recomputed weights have no graph to keep). On exit, also
-        when the block raises, `get_local.cache`, the policy and this object's
-        previous state (off, or on with its own rows and heads) come back. In
-        a process that `ranks` leaves out, it is off inside the block.
-        `get_local`'s on/off state is never changed.
+        anything `get_local` captures meanwhile in this thread), stored with
+        the storage policy these arguments describe (see `StoragePolicy`;
+        there is no `detach`, since recomputed weights have no graph to keep).
+        On exit, also when the block raises, this thread's previous state (off,
+        or on with its own rows and heads) comes back. Blocks in other threads
+        are independent. In a process that `ranks` leaves out, it is off inside
+        the block. `get_local`'s on/off state is never changed.
 
             with sdpa_capture.capture(rows=0) as cache:
                 model(img)
@@ -188,21 +211,22 @@ class SdpaCapture:
         rows = validate_selection(rows, "rows")
         heads = validate_selection(heads, "heads")
         here = captures_here(validate_ranks(ranks, "sdpa_capture"), "sdpa_capture")
-        was_active, saved_rows, saved_heads = self.is_active, self._rows, self._heads
+        was_active = self.is_active
+        saved = (self._threads.mode.rows, self._threads.mode.heads) if was_active else None
         with self._owner._store.scoped(policy) as fresh:
             try:
                 if here:
                     self.activate(rows, heads)
                 else:
-                    self._switch_off(stacklevel=4)
+                    self._switch_off_here(stacklevel=4)
                 yield fresh
             finally:
-                # Exactly the state on entry, whatever the block switched.
+                # Exactly this thread's state on entry, whatever the block switched.
                 if was_active:
-                    self.activate(saved_rows, saved_heads)
+                    self.activate(*saved)
                 else:
-                    # Above _switch_off: this generator, contextlib's __exit__, the user.
-                    self._switch_off(stacklevel=4)
+                    # Above _switch_off_here: this generator, contextlib's __exit__, the user.
+                    self._switch_off_here(stacklevel=4)
 
     @property
     def cache(self):
@@ -214,7 +238,7 @@ class SdpaCapture:
     # Under torch.compile the recording runs eagerly, between graphs: Dynamo
     # cannot trace sys._getframe, and the recorded weights are not the graph's.
     @torch.compiler.disable
-    def _record(self, args, kwargs):
+    def _record(self, mode, args, kwargs):
         query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = bind_sdpa_arguments(
             *args, **kwargs
         )
@@ -245,8 +269,8 @@ class SdpaCapture:
             is_causal,
             scale,
             enable_gqa,
-            rows=self._rows,
-            heads=self._heads,
+            rows=mode.rows,
+            heads=mode.heads,
             where=f"the scaled_dot_product_attention call in {caller}",
             who="sdpa_capture",
         )
@@ -377,9 +401,13 @@ def select_weights(weights, rows=None, heads=None, *, where="the attention", who
 class _RecordingMode(TorchFunctionMode):
     """Runs every torch function as is; hands SDPA calls to the capture after."""
 
-    def __init__(self, capture):
+    def __init__(self, capture, rows, heads):
         super().__init__()
         self._capture = capture
+        self.rows, self.heads = rows, heads
+        # False once switched off; a mode left on another thread's stack then
+        # passes every call through untouched.
+        self.on = True
         # Counted so that switching off can tell "no SDPA ran" from "nothing ran".
         self.torch_calls = 0
         self.sdpa_calls = 0
@@ -392,9 +420,11 @@ class _RecordingMode(TorchFunctionMode):
         # this method torch has taken the mode off the stack, so neither this
         # call nor the recomputation comes back here.
         output = func(*args, **kwargs)
+        if not self.on:
+            return output
         if func is F.scaled_dot_product_attention:
             self.sdpa_calls += 1
-            self._capture._record(args, kwargs)
+            self._capture._record(self, args, kwargs)
         elif func is F.multi_head_attention_forward and not kwargs.get("need_weights", True):
             self._capture._warn_unseen_multi_head_attention()
         return output
