@@ -73,3 +73,31 @@ def test_capture_attention_records_each_block_once(reentrant):
     assert [len(calls) for calls in maps.values()] == [1, 1, 1]
     for got, want in zip(maps.values(), expected.values()):
         np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_compiled_checkpointed_training_with_capture_switched_on_midway():
+    """The issue's end-to-end case: compile + checkpointing, capture switched on mid-training."""
+    model = model_with(reentrant=False)
+    reference = model_with(None)
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps that change nothing
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # training with capture off
+        compiled(images).sum().backward()
+        optimizer.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the Dynamo reset notice
+        get_local.activate()
+    for step in range(2):  # capture switched on mid-training
+        compiled(images).sum().backward()
+        optimizer.step()
+    maps = get_local.cache["Attention.forward"]
+    get_local.deactivate()
+    with get_local.capture() as expected:
+        reference(images).sum().backward()
+    assert len(maps) == 2 * 3  # one map per layer per forward, none from recomputation
+    for got, want in zip(maps, expected["Attention.forward"] * 2):
+        np.testing.assert_allclose(got, want, atol=1e-6)
