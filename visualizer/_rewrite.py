@@ -19,6 +19,8 @@ names are proven bound. The others are passed as READ_FROM_FRAME, and the
 recorder reads them from the frame's locals, where an unbound name is simply
 absent.
 """
+import dis
+
 from bytecode import Bytecode, CellVar, FreeVar, Instr, Label, TryBegin, TryEnd
 
 from ._compat import (
@@ -74,15 +76,35 @@ def instrument(code, names, recorder):
 
 
 def _load(name, code, bound):
-    if name in code.co_freevars or bound is None or name not in bound:
-        # A free variable may be unbound in the enclosing scope, which no
-        # analysis of this function can prove otherwise.
+    if (
+        name in code.co_freevars
+        or bound is None
+        or name not in bound
+        or name in _deleted_by_nested_functions(code)
+    ):
+        # A free variable may be unbound in the enclosing scope, and a cell
+        # variable by a nested function (`nonlocal attn; del attn`): no
+        # analysis of this function's own code can prove them bound.
         return Instr("LOAD_CONST", READ_FROM_FRAME)
     if name in code.co_cellvars:
         # From 3.11 LOAD_FAST on a cell returns the cell object, and before 3.11
         # a cell argument's fast slot keeps the stale argument value.
         return Instr("LOAD_DEREF", CellVar(name))
     return Instr("LOAD_FAST", name)
+
+
+def _deleted_by_nested_functions(code):
+    """Cell variables of `code` that a function nested in it (at any depth) deletes."""
+    deleted = set()
+    for constant in code.co_consts:
+        if isinstance(constant, type(code)):
+            deleted.update(
+                instruction.argval
+                for instruction in dis.get_instructions(constant)
+                if instruction.opname == "DELETE_DEREF"
+            )
+            deleted.update(_deleted_by_nested_functions(constant))
+    return deleted & set(code.co_cellvars)
 
 
 def _variable_name(arg):

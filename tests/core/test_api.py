@@ -561,3 +561,21 @@ def test_capture_blocks_in_two_threads_are_independent(gl):
         tagged("here")
     assert block[tagged.__qualname__] == ["here"]
     assert gl.cache[tagged.__qualname__] == ["elsewhere"]
+
+
+def test_a_cell_deleted_by_a_nested_function_is_missing_not_an_error(gl):
+    def outer():
+        attn = 1
+
+        def inner():
+            nonlocal attn
+            del attn
+
+        inner()
+        return 5
+
+    gl("attn")(outer)
+    gl.activate()
+    with pytest.warns(RuntimeWarning, match="'attn' was not bound when .*outer returned"):
+        assert outer() == 5  # as without capture: the function returns normally
+    assert gl.cache[outer.__qualname__] == [MISSING]
