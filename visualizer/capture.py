@@ -16,6 +16,7 @@ instrumented copy (see `_rewrite`); deactivation swaps the original back. So
 capture can be switched at any time, every existing reference to the function
 sees the switch, and a deactivated function runs its own code at no cost.
 """
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -39,6 +40,9 @@ from .cache import (
 )
 
 _MAX_WRAPPED_DEPTH = 100
+# Instrumented code objects kept for reuse (nested functions are re-created on
+# every call of their outer function and re-decorated with them).
+_MAX_INSTRUMENTED = 512
 
 # What keep() returns for a value that is not a new call's value: captured while
 # autograd's backward re-runs a forward (activation checkpointing), or under a
@@ -103,7 +107,9 @@ class GetLocal:
         self._key_modules = {}
         # (original code, key, names, select) -> instrumented code: nested
         # functions are re-created, and re-decorated, on every call.
-        self._instrumented = {}
+        # A bounded LRU: a nested function re-decorated with a new `select`
+        # lambda on every call would otherwise add an entry per call, forever.
+        self._instrumented = collections.OrderedDict()
         self._warned = set()
         self._store.on_empty_read = self._warn_not_called
 
@@ -331,6 +337,8 @@ class GetLocal:
             tuple(registration.select.items()),
         )
         code = self._instrumented.get(cache_key)
+        if code is not None:
+            self._instrumented.move_to_end(cache_key)
         if code is None:
             recorder = self._make_recorder(registration)
             try:
@@ -341,6 +349,8 @@ class GetLocal:
                     f"{list(registration.names)}: {type(error).__name__}: {error}"
                 ) from error
             self._instrumented[cache_key] = code
+            if len(self._instrumented) > _MAX_INSTRUMENTED:
+                self._instrumented.popitem(last=False)
         registration.target.__code__ = code
         registration.installed_code = code
         _run_eagerly_under_compile(registration.target, code)

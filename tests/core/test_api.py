@@ -579,3 +579,24 @@ def test_a_cell_deleted_by_a_nested_function_is_missing_not_an_error(gl):
     with pytest.warns(RuntimeWarning, match="'attn' was not bound when .*outer returned"):
         assert outer() == 5  # as without capture: the function returns normally
     assert gl.cache[outer.__qualname__] == [MISSING]
+
+
+def test_redecorating_nested_functions_with_new_selects_does_not_grow_without_bound(gl):
+    from visualizer.capture import _MAX_INSTRUMENTED
+
+    gl.activate()
+
+    def outer(i):
+        @gl("attn", select=lambda value: value + 0)  # a new lambda on every call
+        def inner():
+            attn = i
+            return attn
+
+        return inner()
+
+    for i in range(_MAX_INSTRUMENTED + 100):
+        assert outer(i) == i
+    assert len(gl._instrumented) <= _MAX_INSTRUMENTED
+    assert gl.cache[outer.__qualname__ + ".<locals>.inner"][-3:] == [
+        _MAX_INSTRUMENTED + 97, _MAX_INSTRUMENTED + 98, _MAX_INSTRUMENTED + 99,
+    ]
