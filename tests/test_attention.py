@@ -752,3 +752,23 @@ def test_entries_are_snapshots_of_the_models_tensors(rows):
         model(q, k, v)
     expected = (q @ k.transpose(-2, -1)).softmax(-1)
     assert_close(maps[""][0], expected if rows is None else expected[:, :, :1])
+
+
+@pytest.mark.parametrize("compiled_before", [True, False], ids=["warm", "first call inside"])
+@pytest.mark.parametrize("fused", [False, True], ids=["explicit", "fused"])
+def test_compiled_model_gives_eager_maps_without_the_wrapper_prefix(fused, compiled_before):
+    model = toy_vit(fused)
+    images = torch.randn(2, 3, 16, 24)
+    with torch.no_grad(), capture_attention(model) as expected:
+        model(images)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        if compiled_before:
+            compiled(images)
+        with capture_attention(compiled) as maps:
+            output = compiled(images)
+        assert torch.equal(output, model(images))
+    assert list(maps) == list(expected)  # no "_orig_mod." prefix
+    for key in expected:
+        np.testing.assert_array_equal(maps[key][0], expected[key][0])
+    assert torch._dynamo.eval_frame._stance.stance == "default"  # compiled again afterwards

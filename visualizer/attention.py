@@ -281,10 +281,10 @@ class AttentionRecorder:
         self._ranks = validate_ranks(ranks, _WHO)
         self.model = model
         self.maps = AttentionMaps()
-        # A data-parallel wrapper's only child is the model: keys without
-        # its "module." prefix, the same on one process and on many.
-        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
+        # A data-parallel or torch.compile wrapper's only child is the model:
+        # keys without its "module." / "_orig_mod." prefix, the same as for
+        # the plain model.
+        model = _unwrapped(model)
         self._paths = dict(model.named_modules())
         self._paths_by_id = {id(module): path for path, module in self._paths.items()}
         self._selected = self._select(modules)
@@ -297,6 +297,7 @@ class AttentionRecorder:
         self._module_calls = 0
         self._decorated = {}  # id(module) -> get_local key of its forward
         self._defer = None
+        self._eager = None  # torch.compile's force_eager stance while recording
         self._warned = set()
 
     # -- switching --------------------------------------------------------
@@ -335,6 +336,7 @@ class AttentionRecorder:
             )
         self._defer = get_local.deferring_to_fused()
         self._defer.__enter__()
+        self._eager = _compiled_code_runs_eagerly()
         return self
 
     def stop(self):
@@ -351,6 +353,9 @@ class AttentionRecorder:
             unwrap()
         self._handles, self._wrapped = [], []
         self._defer.__exit__(None, None, None)
+        if self._eager is not None:
+            self._eager.__exit__(None, None, None)
+            self._eager = None
         self._decorated = {}
         if warn_if_empty:
             self._warn_if_empty()
@@ -775,6 +780,32 @@ class _AttentionMode(TorchFunctionMode):
         elif func is F.multi_head_attention_forward:
             self._recorder._functional_multi_head(args, kwargs)
         return output
+
+
+def _unwrapped(model):
+    """The model inside DistributedDataParallel, DataParallel and torch.compile wrappers."""
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif optimized and isinstance(model, optimized):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _compiled_code_runs_eagerly():
+    """While recording, make torch.compile'd code run eagerly; return the undo, or None.
+
+    A compiled graph runs neither the module hooks nor the torch functions
+    the recorder watches one by one: maps would be missing or misattributed.
+    With Dynamo's "force_eager" stance (process-wide, for the recording only)
+    compiled models run their Python code, so the maps equal eager mode's;
+    the previous stance (and the compiled code) comes back at stop.
+    """
+    if "torch._dynamo" not in sys.modules:  # then nothing was compiled or wrapped
+        return None
+    return torch.compiler.set_stance("force_eager")
 
 
 def _multi_head_weights(
