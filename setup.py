@@ -30,6 +30,7 @@ setup(
         "all": ["torch>=2.1", "matplotlib>=3.6"],
         "test": [
             "pytest>=7",
+            "cloudpickle>=2",
             "hypothesis>=6",
             "transformers>=4.48",
             "nbformat>=5",

@@ -236,6 +236,11 @@ class Scope:
         self.dropped = dropped
         self.policy = policy
 
+    def __reduce__(self):
+        # Pickled along with a recorder: in the receiving process, captures go
+        # to that process's get_local scope (see CaptureStore.__reduce__).
+        return (_process_scope, ())
+
 
 class CaptureStore:
     """The caches captures go to, plus what guards them: policies, a lock, drop counts.
@@ -260,6 +265,12 @@ class CaptureStore:
         self.fused_recorders = 0
         self._lock = threading.Lock()
         self._warned_bound = set()
+
+    def __reduce__(self):
+        # Pickled along with a recorder (see GetLocal.__reduce__): in the
+        # receiving process it is that process's get_local store. Imported
+        # there lazily: capture imports this module.
+        return (_process_store, ())
 
     def current(self):
         """The scope this thread records into."""
@@ -356,6 +367,18 @@ class CaptureStore:
             for key in scope.cache:
                 scope.cache[key] = []
             scope.dropped.clear()
+
+
+def _process_store():
+    """This process's get_local store."""
+    from .capture import get_local
+
+    return get_local.store
+
+
+def _process_scope():
+    """This process's process-wide get_local scope."""
+    return _process_store().process_scope
 
 
 _FORMAT = "visualizer-cache"

@@ -113,6 +113,13 @@ class GetLocal:
         self._warned = set()
         self._store.on_empty_read = self._warn_not_called
 
+    def __reduce__(self):
+        # A decorated function pickled by value while capture is on (cloudpickle,
+        # the path of joblib, Ray and Dask) takes its recorder along, and with
+        # it this object: in the receiving process it is that process's
+        # get_local, so the function runs there and captures into its cache.
+        return (_process_get_local, ())
+
     # -- decorating -------------------------------------------------------
 
     def __call__(self, *names, select=None):
@@ -310,6 +317,11 @@ class GetLocal:
             )
         # Its contents go into a CaptureCache, which can say why a list is empty.
         self._store.cache = self._store.new_cache(value)
+
+    @property
+    def store(self):
+        """The CaptureStore captures go to: the seam fused and model-level capture share."""
+        return self._store
 
     @property
     def dropped(self):
@@ -560,6 +572,11 @@ class GetLocal:
             "visualizer.MISSING (warned once per function and name)",
             calls_below_recorder=1,  # keep()
         )
+
+
+def _process_get_local():
+    """This process's `get_local` (what a pickled GetLocal or store becomes)."""
+    return get_local
 
 
 def _run_eagerly_under_compile(function, code):

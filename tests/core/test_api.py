@@ -600,3 +600,51 @@ def test_redecorating_nested_functions_with_new_selects_does_not_grow_without_bo
     assert gl.cache[outer.__qualname__ + ".<locals>.inner"][-3:] == [
         _MAX_INSTRUMENTED + 97, _MAX_INSTRUMENTED + 98, _MAX_INSTRUMENTED + 99,
     ]
+
+
+CLOUDPICKLE_SENDER = """
+import sys
+import cloudpickle
+from visualizer import get_local
+
+@get_local("attn")
+def f(x):
+    attn = x * 2
+    return attn + 1
+
+if sys.argv[2] == "on":
+    get_local.activate()
+with open(sys.argv[1], "wb") as file:
+    cloudpickle.dump(f, file)  # by value: f lives in __main__
+print(f(1), get_local.cache.get("f"))  # still captures here after pickling
+"""
+
+CLOUDPICKLE_RECEIVER = """
+import pickle
+import sys
+from visualizer import get_local
+
+with open(sys.argv[1], "rb") as file:
+    f = pickle.load(file)
+print(f(3), get_local.cache.get("f"))
+"""
+
+
+@pytest.mark.parametrize("capture", ["on", "off"])
+def test_cloudpickle_of_a_decorated_main_function(tmp_path, capture):
+    pytest.importorskip("cloudpickle")  # in the test extras; absent only on bare core venvs
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo}
+    for name, source in (("sender.py", CLOUDPICKLE_SENDER), ("receiver.py", CLOUDPICKLE_RECEIVER)):
+        (tmp_path / name).write_text(source)
+    pickled = str(tmp_path / "f.pkl")
+    sent = subprocess.run([sys.executable, str(tmp_path / "sender.py"), pickled, capture],
+                          capture_output=True, text=True, env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.split() == (["3", "[2]"] if capture == "on" else ["3", "None"])
+    received = subprocess.run([sys.executable, str(tmp_path / "receiver.py"), pickled],
+                              capture_output=True, text=True, env=env)
+    assert received.returncode == 0, received.stderr
+    # The function runs as it does undecorated; while capture was on it carries the
+    # instrumented code, whose captures go to the receiving process's cache.
+    assert received.stdout.split() == (["7", "[6]"] if capture == "on" else ["7", "None"])
