@@ -291,8 +291,8 @@ class GetLocal:
 
         While inside, a decorated call whose names are all unbound (it took a
         fused path such as timm's `fused_attn`) records nothing instead of
-        MISSING: the fused recorder records its map. `capture_attention` uses
-        it (`sdpa_capture` keeps the same count while it is on).
+        MISSING: the fused recorder records its map. `sdpa_capture` (per thread
+        that is on) and `capture_attention` (while recording) enter it.
         """
         with self._lock:
             self._store.fused_recorders += 1

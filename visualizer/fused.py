@@ -101,6 +101,7 @@ class SdpaCapture:
         # recording on gets its own mode, with its own rows and heads.
         self._threads = threading.local()
         self._modes = set()  # every mode that is on, in any thread
+        self._lock = threading.Lock()  # guards _modes
         self._keys = {}  # (qualified name, module) -> cache key
         self._warned = set()
 
@@ -133,10 +134,12 @@ class SdpaCapture:
             remove_mode(mode)
         mode = _RecordingMode(self, rows, heads)
         mode.__enter__()
+        # While on, get_local leaves fused-path calls of decorated functions to it.
+        mode.deferring = self._owner.deferring_to_fused()
+        mode.deferring.__enter__()
         self._threads.mode = mode
-        with self._owner._lock:
+        with self._lock:
             self._modes.add(mode)
-            self._owner._store.fused_recorders += 1
 
     def deactivate(self):
         """Stop recording, in every thread; SDPA calls run exactly as without this library.
@@ -145,7 +148,7 @@ class SdpaCapture:
         `F.scaled_dot_product_attention`: nothing was recorded, because the
         code that ran computes its attention another way.
         """
-        with self._owner._lock:
+        with self._lock:
             modes, self._modes = self._modes, set()
         for mode in modes:
             self._retire(mode, stacklevel=3)
@@ -158,7 +161,7 @@ class SdpaCapture:
             return
         self._threads.mode = None
         remove_mode(mode)
-        with self._owner._lock:
+        with self._lock:
             self._modes.discard(mode)
         self._retire(mode, stacklevel + 1)
 
@@ -167,8 +170,7 @@ class SdpaCapture:
         if not mode.on:
             return
         mode.on = False
-        with self._owner._lock:
-            self._owner._store.fused_recorders -= 1
+        mode.deferring.__exit__(None, None, None)
         if mode.torch_calls and not mode.sdpa_calls:
             warnings.warn(
                 f"sdpa_capture: {mode.torch_calls} torch function calls ran while it was on, none "
@@ -213,7 +215,7 @@ class SdpaCapture:
         here = captures_here(validate_ranks(ranks, "sdpa_capture"), "sdpa_capture")
         was_active = self.is_active
         saved = (self._threads.mode.rows, self._threads.mode.heads) if was_active else None
-        with self._owner._store.scoped(policy) as fresh:
+        with self._owner.store.scoped(policy) as fresh:
             try:
                 if here:
                     self.activate(rows, heads)
@@ -243,7 +245,7 @@ class SdpaCapture:
             *args, **kwargs
         )
         caller = self._caller_key()
-        store = self._owner._store
+        store = self._owner.store
         policy = store.policy
         if dropout_p > 0:
             self._warn_once(
@@ -405,6 +407,7 @@ class _RecordingMode(TorchFunctionMode):
         super().__init__()
         self._capture = capture
         self.rows, self.heads = rows, heads
+        self.deferring = None  # get_local.deferring_to_fused(), entered while on
         # False once switched off; a mode left on another thread's stack then
         # passes every call through untouched.
         self.on = True
