@@ -4,8 +4,13 @@ Every branch on the interpreter version lives here, so `_rewrite` reads as one
 algorithm and a new CPython release means editing one small file.
 """
 import sys
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
-from bytecode import Instr
+from bytecode import Instr, Label, TryBegin, TryEnd
+from bytecode.instr import UNSET
+
+if TYPE_CHECKING:
+    from bytecode.instr import InstrLocation
 
 PY311 = sys.version_info >= (3, 11)
 PY312 = sys.version_info >= (3, 12)
@@ -14,35 +19,23 @@ PY313 = sys.version_info >= (3, 13)
 # Instructions that leave the frame with a value. 3.12 added RETURN_CONST.
 RETURN_OPCODES = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 
-# Before 3.11 a handler is entered through a runtime block stack that these
-# instructions push; from 3.11 on, handlers come from the exception table,
-# which `bytecode` shows as TryBegin/TryEnd pseudo-instructions.
-SETUP_HANDLER_OPCODES = frozenset({"SETUP_FINALLY", "SETUP_WITH", "SETUP_ASYNC_WITH"})
 
-# Instructions that bind or unbind a local. 3.13 superinstructions carry two
-# names in a tuple: (stored, stored) and (stored, loaded).
-STORE_ONE = frozenset({"STORE_FAST", "STORE_DEREF"})
-STORE_FIRST_OF_PAIR = frozenset({"STORE_FAST_LOAD_FAST"})
-STORE_BOTH_OF_PAIR = frozenset({"STORE_FAST_STORE_FAST"})
-DELETE_ONE = frozenset({"DELETE_FAST", "DELETE_DEREF"})
+def recorder_call(
+    recorder: Callable[..., object],
+    argument_loads: Sequence[Any],
+    count: int,
+    location: "Optional[InstrLocation]",
+) -> List[Any]:
+    """Instructions that call `recorder` with `count` arguments and discard its result.
 
-# 3.12+ inlined comprehensions save the outer value of the loop variable with
-# LOAD_FAST_AND_CLEAR and put it back with a plain STORE_FAST afterwards. That
-# STORE_FAST may store NULL (the name was unbound before), so a later store
-# does not prove such a name bound.
-SAVE_AND_CLEAR = "LOAD_FAST_AND_CLEAR"
-
-
-def recorder_call(recorder, argument_loads, location):
-    """Instructions that call `recorder(*arguments)` and discard its result.
+    `argument_loads` pushes the arguments (labels and exception-region
+    markers may sit between the loads).
 
     The stack is left exactly as it was, so the sequence can sit in front of
     any return instruction. Every instruction gets the return's location, so
     tracebacks and `sys.settrace` line events do not change.
     """
-    count = len(argument_loads)
-
-    def instr(name, *arg):
+    def instr(name: str, *arg: Any) -> Instr:
         return Instr(name, *arg, location=location)
 
     if PY313:
@@ -59,3 +52,55 @@ def recorder_call(recorder, argument_loads, location):
         head = [instr("LOAD_CONST", recorder)]
         call = [instr("CALL_FUNCTION", count)]
     return head + list(argument_loads) + call + [instr("POP_TOP")]
+
+
+def guarded_load(
+    load: "Tuple[str, Any]",
+    fallback: object,
+    location: "Optional[InstrLocation]",
+    region: Optional[TryBegin],
+) -> "Tuple[List[Any], List[Any], Optional[TryBegin]]":
+    """A load of one local that pushes `fallback` where the local is unbound.
+
+    `load` is (opcode, argument) of the plain load; `region` is the 3.11+
+    exception-table region (a TryBegin) the load sits in, or None.
+
+    Returns (inline, handler, region_after): `inline` replaces the load,
+    `handler` goes after the function's last instruction (off the path of a
+    bound name), and `region_after` is the region the code after the load is
+    in: a region that was open is closed around the load and opened again as
+    a new TryBegin with the same handler, because 3.11+ regions cannot nest.
+    """
+    opcode, argument = load
+
+    def instr(name: str, *arg: Any) -> Instr:
+        return Instr(name, *arg, location=location)
+
+    if PY312 and opcode == "LOAD_FAST":
+        opcode = "LOAD_FAST_CHECK"  # raises UnboundLocalError instead of pushing NULL
+    caught, resume = Label(), Label()
+    inline: List[Any]
+    handler: List[Any]
+    if PY311:
+        ours = TryBegin(caught, push_lasti=False, stack_depth=UNSET)
+        inline = [ours, instr(opcode, argument), TryEnd(ours), resume]
+        if PY313:
+            # 3.13 looks up the handler of an error raised inside a called
+            # frame at the code unit BEFORE the call: without this NOP an
+            # error from the recorder (or the next load) would land in our
+            # handler, which then calls the wrong object.
+            inline.append(instr("NOP"))
+        region_after = region
+        if region is not None:
+            region_after = TryBegin(region.target, region.push_lasti, region.stack_depth)
+            inline = [TryEnd(region)] + inline + [region_after]
+        # The handler finds the stack as before the load plus the exception.
+        handler = [caught, instr("POP_TOP"), instr("LOAD_CONST", fallback),
+                   instr("JUMP_BACKWARD", resume)]
+        return inline, handler, region_after
+    # 3.9/3.10: the handler gets the previous and the new exception (3 values
+    # each) and a handler block; POP_EXCEPT restores the previous exception.
+    inline = [instr("SETUP_FINALLY", caught), instr(opcode, argument), instr("POP_BLOCK"), resume]
+    handler = [caught] + [instr("POP_TOP")] * 3 + [
+        instr("POP_EXCEPT"), instr("LOAD_CONST", fallback), instr("JUMP_ABSOLUTE", resume)]
+    return inline, handler, region

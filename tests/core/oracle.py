@@ -22,12 +22,14 @@ def copy_value(value):
     return value
 
 
-def run_with_oracle(call, code, names):
+def run_with_oracle(call, code, names, on_line=None):
     """Call `call()` and return (outcome, captures).
 
     outcome: ("value", result) or ("raise", exception type, message).
     captures: one tuple of values per returning frame of `code`; MISSING for
     names not bound at return.
+    on_line: called with the frame at each 'line' event of `code`'s frames (a
+    debugger's edits; see `debugging`).
     """
     # The trace's 'return' event also fires when a frame yields or unwinds
     # with an exception; the instruction it stopped at tells them apart.
@@ -36,6 +38,8 @@ def run_with_oracle(call, code, names):
     previous = sys.gettrace()
 
     def local_trace(frame, event, arg):
+        if event == "line" and on_line is not None:
+            on_line(frame)
         if event == "return" and opnames.get(frame.f_lasti) in ("RETURN_VALUE", "RETURN_CONST"):
             captures.append(tuple(copy_value(frame.f_locals.get(n, MISSING)) for n in names))
         return local_trace
@@ -67,3 +71,27 @@ def same(a, b):
     if isinstance(a, BaseException) or isinstance(b, BaseException):
         return type(a) is type(b) and a.args == b.args
     return type(a) is type(b) and a == b
+
+
+def debugging(code, on_line):
+    """A context in which `on_line(frame)` runs at each 'line' event of `code`'s frames."""
+    import contextlib
+
+    def local_trace(frame, event, arg):
+        if event == "line":
+            on_line(frame)
+        return local_trace
+
+    def global_trace(frame, event, arg):
+        return local_trace if frame.f_code is code else None
+
+    @contextlib.contextmanager
+    def context():
+        previous = sys.gettrace()
+        sys.settrace(global_trace)
+        try:
+            yield
+        finally:
+            sys.settrace(previous)
+
+    return context()

@@ -3,8 +3,10 @@
 The generator writes small functions out of the constructs that decide
 whether a name is bound at a return: branches, loops with break/continue,
 try/except/finally, with blocks that may suppress, early returns, raises,
-del, comprehensions reusing a name, and nested functions that turn a name
-into a cell variable.
+del, comprehensions reusing a name, nested functions that turn a name into a
+cell variable (and `nonlocal` ones that assign or delete it), `locals()` dicts
+the function returns, and a debugger's edits of the frame (`del` through
+`f_locals`, `jump` over an assignment) made by a trace function in every run.
 """
 import textwrap
 import warnings
@@ -12,7 +14,7 @@ import warnings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.core.oracle import run_with_oracle, same
+from tests.core.oracle import debugging, run_with_oracle, same
 from tests.core.shapes import Resource
 from visualizer.capture import GetLocal
 
@@ -49,7 +51,12 @@ def indent(lines):
 
 @st.composite
 def statement(draw, depth, in_loop):
-    simple = ["assign", "assign", "return", "raise", "del", "closure"]
+    simple = ["assign", "assign", "return", "raise", "del", "closure", "nonlocal", "locals",
+              "debugger del"]
+    if depth == 0:
+        # Jumps only where the value stack is empty: CPython 3.10 itself
+        # crashes on some jumps inside with/try/for blocks, capture or not.
+        simple.append("debugger jump")
     nested = ["if", "for", "try", "with"] if depth < 3 else []
     loop_only = ["break", "continue"] if in_loop else []
     kind = draw(st.sampled_from(simple + nested + loop_only))
@@ -64,6 +71,17 @@ def statement(draw, depth, in_loop):
     if kind == "closure":
         captured = draw(name)
         return [f"def inner_{captured}():", f"    return {captured}"]
+    if kind == "nonlocal":
+        edited = draw(name)
+        change = f"del {edited}" if draw(st.booleans()) else f"{edited} = p0"
+        return [f"def edit_{edited}():", f"    nonlocal {edited}", f"    {change}",
+                f"if p1 == {draw(small)}:", f"    edit_{edited}()"]
+    if kind == "locals":
+        return ["seen = locals()"]
+    if kind == "debugger del":
+        return [f'debugger("del {draw(name)}")']
+    if kind == "debugger jump":
+        return ['debugger("jump")', f"{draw(name)} = {draw(expression())}", 'debugger("landed")']
     if kind in ("break", "continue"):
         return [f"if p1 == {draw(small)}:", f"    {kind}"]
     body = draw(block(depth + 1, in_loop or kind == "for"))
@@ -85,13 +103,73 @@ def statement(draw, depth, in_loop):
 @st.composite
 def program(draw):
     body = draw(block(0, False))
-    if draw(st.booleans()):
+    if any(line.strip() == "seen = locals()" for line in body) and draw(st.booleans()):
+        body.append("return seen")  # the dict itself: nothing may write into it
+    elif draw(st.booleans()):
         body.append(f"return {draw(expression())}")
     # Make every name a local even if the drawn body never assigns it.
     body.append("if p0 is None:")
     body.append("    " + " = ".join(NAMES) + " = None")
     source = "def generated(p0, p1):\n" + textwrap.indent("\n".join(body), "    ") + "\n"
     return source
+
+
+def debugger(command):
+    """Marks a line where the test's trace function edits the frame, as pdb would."""
+
+
+def debugger_edits(source):
+    """line number -> edit, for the debugger(...) lines of a generated function."""
+    edits = {}
+    for number, line in enumerate(source.splitlines(), start=1):
+        if 'debugger("del ' in line:
+            edits[number] = ("del", line.split('"')[1].split()[1])
+        elif 'debugger("jump")' in line:
+            edits[number] = ("jump", number + 2)  # over the assignment below it
+    return edits
+
+
+def editing(edits):
+    def on_line(frame):
+        edit = edits.get(frame.f_lineno)
+        if edit is None:
+            return
+        kind, argument = edit
+        if kind == "del":
+            if argument not in frame.f_locals:
+                return
+            try:
+                # Written back to the frame after the trace function returns
+                # (3.9-3.11; 3.12 writes None instead of unbinding).
+                del frame.f_locals[argument]
+            except TypeError:
+                pass  # 3.13: a FrameLocalsProxy cannot remove variables
+        else:
+            frame.f_lineno = argument
+
+    return on_line
+
+
+def _comparable(value, container):
+    if value is container:
+        return "<itself>"
+    if isinstance(value, dict):  # an earlier locals() dict (3.13 returns snapshots)
+        return {k: _comparable(v, value) for k, v in value.items()}
+    if callable(value) and hasattr(value, "__qualname__"):  # a new inner function each call
+        return f"<function {value.__qualname__}>"
+    if isinstance(value, BaseException):  # a new exception object each call
+        return (type(value), value.args)
+    return value
+
+
+def outcome_of(call):
+    try:
+        value = call()
+        if isinstance(value, dict):  # a locals() dict, which may hold itself
+            value = {k: _comparable(v, value) for k, v in value.items()}
+        return ("value", value)
+    except Exception as error:  # the outcome to compare, not a failure of the test
+        return ("raise", type(error), str(error))
 
 
 @settings(
@@ -102,31 +180,34 @@ def program(draw):
 )
 @given(source=program(), inputs=st.lists(st.tuples(small, small), min_size=1, max_size=3))
 def test_random_function(source, inputs):
-    namespace = {"Resource": Resource}
+    namespace = {"Resource": Resource, "debugger": debugger}
     exec(compile(source, "<generated>", "exec"), namespace)
     function = namespace["generated"]
+    original = function.__code__
+    on_line = editing(debugger_edits(source))
     gl = GetLocal()
     gl(*NAMES)(function)
-    for p0, p1 in inputs:
-        expected_outcome, expected = run_with_oracle(
-            lambda: function(p0, p1), function.__code__, NAMES
-        )
-        gl.activate()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                try:
-                    outcome = ("value", function(p0, p1))
-                except Exception as error:
-                    outcome = ("raise", type(error), str(error))
-        finally:
-            gl.deactivate()
-        context = f"\n{source}\ninputs p0={p0} p1={p1}"
-        assert outcome[0] == expected_outcome[0], f"{outcome} != {expected_outcome}{context}"
-        assert all(same(a, b) for a, b in zip(outcome[1:], expected_outcome[1:])), context
-        captured = gl.cache["generated"]
-        assert len(captured) == len(expected), context
-        if expected:
-            for n in NAMES:
-                assert same(captured[0][n], expected[0][NAMES.index(n)]), f"{n}: {context}"
-        gl.clear()
+    with warnings.catch_warnings():
+        # 3.12+ warns when a jump leaves a local unbound (it binds None).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for p0, p1 in inputs:
+            # The outcome from a run without the oracle: its reads of f_locals
+            # would write into a locals() dict the function returns.
+            with debugging(original, on_line):
+                expected_outcome = outcome_of(lambda: function(p0, p1))
+            _, expected = run_with_oracle(lambda: function(p0, p1), original, NAMES, on_line)
+            gl.activate()
+            try:
+                with debugging(function.__code__, on_line):
+                    outcome = outcome_of(lambda: function(p0, p1))
+            finally:
+                gl.deactivate()
+            context = f"\n{source}\ninputs p0={p0} p1={p1}"
+            assert outcome[0] == expected_outcome[0], f"{outcome} != {expected_outcome}{context}"
+            assert all(same(a, b) for a, b in zip(outcome[1:], expected_outcome[1:])), context
+            captured = gl.cache["generated"]
+            assert len(captured) == len(expected), context
+            if expected:
+                for n in NAMES:
+                    assert same(captured[0][n], expected[0][NAMES.index(n)]), f"{n}: {context}"
+            gl.clear()

@@ -7,14 +7,6 @@ import pytest
 
 from tests.core import shapes
 from tests.core.oracle import run_with_oracle, same
-from visualizer.capture import GetLocal
-
-
-@pytest.fixture
-def gl():
-    instance = GetLocal()
-    yield instance
-    instance.deactivate()
 
 
 def run(call):

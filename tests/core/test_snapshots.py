@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from visualizer import NOT_CAPTURED, load_cache, save_cache
-from visualizer.capture import GetLocal
 
 Pair = collections.namedtuple("Pair", "query key")
 
@@ -35,13 +34,6 @@ class Opaque:
 class Plain:
     def __init__(self):
         self.values = [1, 2]
-
-
-@pytest.fixture
-def gl():
-    instance = GetLocal()
-    yield instance
-    instance.deactivate()
 
 
 def captured(gl, make):

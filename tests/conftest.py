@@ -1,0 +1,32 @@
+"""Fixtures shared by every test file. Torch-free: the core matrix runs tests/core
+on Pythons without torch, and pytest loads this file for them too."""
+import sys
+import textwrap
+
+import pytest
+
+from visualizer.capture import GetLocal
+
+
+@pytest.fixture
+def gl():
+    """A private get_local: its registrations, switch and cache die with the test."""
+    instance = GetLocal()
+    yield instance
+    instance.deactivate()
+
+
+@pytest.fixture
+def module_dir(tmp_path, monkeypatch):
+    """Write modules to a temporary folder that is importable."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    created = []
+
+    def write(name, source):
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        created.append(name)
+        return name
+
+    yield write
+    for name in created:
+        sys.modules.pop(name, None)
