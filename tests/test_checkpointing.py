@@ -61,6 +61,33 @@ def test_get_local_records_each_block_once_in_forward_order(reentrant):
         np.testing.assert_array_equal(got, want)
 
 
+class NumberedBlock(torch.nn.Module):
+    """A block that names its position in a plain int local, as a user's forward might."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        position = self.index * 1
+        return self.linear(x).relu() + position
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("select", [None, lambda value: value + 0], ids=["plain", "select"])
+def test_plain_numbers_are_not_recorded_again_by_the_recompute(reentrant, select):
+    # Numbers take get_local's fast path (no copy); the recompute check must
+    # be there too, or the order comes out [0, 1, 2, 2, 1, 0].
+    get_local("position", select=select)(NumberedBlock.forward)
+    blocks = [Checkpointed(NumberedBlock(i), reentrant) for i in range(3)]
+    model = torch.nn.Sequential(*blocks)
+    x = torch.randn(2, 4, requires_grad=True)
+    with get_local.capture() as cache:
+        model(x).sum().backward()
+    assert cache[NumberedBlock.forward.__qualname__] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_capture_attention_records_each_block_once(reentrant):
     reference = model_with(None)

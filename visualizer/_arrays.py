@@ -14,30 +14,56 @@ imported torch, so ``sys.modules`` is enough to recognise one. That keeps
 ``import visualizer.analysis`` free of torch for Pythons without it.
 """
 
+import collections
 import math
 import sys
+from typing import (
+    TYPE_CHECKING,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    SupportsFloat,
+    SupportsInt,
+    Tuple,
+    Union,
+)
 
 import numpy as np
+import numpy.typing as npt
 
 from ._errors import VisualizerError
+
+if TYPE_CHECKING:
+    import torch
+    from typing_extensions import TypeGuard
+
+# What public functions of `analysis` and `plot` take: anything numpy can make
+# an array of, or a torch tensor (any device and float dtype, with or without grad).
+ArrayOrTensor = Union[npt.ArrayLike, "torch.Tensor"]
+# What `to_numpy` gives: a float32 or float64 array on the CPU.
+FloatArray = npt.NDArray[np.floating]
+# An int, numpy's integers included.
+Integer = Union[int, np.integer]
 
 ATTENTION_LAYOUT = "(B, H, N, N) or (H, N, N)"
 
 
-def is_torch_tensor(x):
+def is_torch_tensor(x: object) -> "TypeGuard[torch.Tensor]":
     """True if ``x`` is a torch tensor (without importing torch)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def is_integer_data(x):
+def is_integer_data(x: ArrayOrTensor) -> bool:
     """True if ``x`` (array or tensor) holds integers, e.g. a uint8 image."""
     if is_torch_tensor(x):
         return not (x.is_floating_point() or x.is_complex())
     return np.asarray(x).dtype.kind in "biu"
 
 
-def to_numpy(x, func, name):
+def to_numpy(x: ArrayOrTensor, func: str, name: str) -> FloatArray:
     """Return ``x`` as a float numpy array on the CPU, detached from autograd.
 
     float16 and bfloat16 become float32 (numpy has no bfloat16 and its float16
@@ -70,7 +96,13 @@ def to_numpy(x, func, name):
     return array
 
 
-def attention_array(x, func, name="attn", square=True, probabilities=True):
+def attention_array(
+    x: ArrayOrTensor,
+    func: str,
+    name: str = "attn",
+    square: bool = True,
+    probabilities: bool = True,
+) -> Tuple[FloatArray, bool]:
     """Coerce one attention map; return ``(array (B, H, Q, N), batched)``.
 
     ``batched`` tells whether the caller gave a batch axis, so results can be
@@ -98,7 +130,7 @@ def attention_array(x, func, name="attn", square=True, probabilities=True):
 _ROW_SUM_TOLERANCE = 1e-2
 
 
-def check_probabilities(array, func, name):
+def check_probabilities(array: np.ndarray, func: str, name: str) -> None:
     """Refuse what is not attention: NaN, negative values, rows summing to more than 1.
 
     Rows may sum to less than 1 (a map restricted to some keys); never more.
@@ -124,7 +156,11 @@ def check_probabilities(array, func, name):
         )
 
 
-def layer_list(maps, func, name="maps"):
+def layer_list(
+    maps: Union[ArrayOrTensor, List[ArrayOrTensor], Tuple[ArrayOrTensor, ...]],
+    func: str,
+    name: str = "maps",
+) -> Tuple[List[ArrayOrTensor], bool]:
     """Split a layer stack into per-layer maps; return ``(layers, stacked)``.
 
     Accepts a list/tuple of per-layer maps, an array ``(L, B, H, N, N)``, or a
@@ -132,7 +168,7 @@ def layer_list(maps, func, name="maps"):
     caller drops the layer axis from its result). A 4-D array is one layer with
     a batch axis, never ``(L, H, N, N)``: that is the map layout everywhere else.
     """
-    if isinstance(maps, (list, tuple)):
+    if isinstance(maps, (list, tuple, collections.deque)):  # a deque: a bounded cache list
         if not maps:
             raise VisualizerError(
                 f"{func}: {name} must hold at least one layer's map; got an empty "
@@ -151,13 +187,20 @@ def layer_list(maps, func, name="maps"):
     )
 
 
-def layer_arrays(layers, func, name="maps", square=True, probabilities=True):
+def layer_arrays(
+    layers: Iterable[ArrayOrTensor],
+    func: str,
+    name: str = "maps",
+    square: bool = True,
+    probabilities: bool = True,
+) -> Iterator[Tuple[FloatArray, bool]]:
     """Yield ``(array (B, H, N, N), batched)`` per layer, converting lazily.
 
     One layer at a time keeps memory at one map's size: at DINOv2 resolutions a
     float64 copy of all layers would take gigabytes.
     """
-    first_shape = None
+    # (the layer's shape as given, its array's shape) for layer 0
+    first_shape: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
     for index, layer in enumerate(layers):
         array, batched = attention_array(layer, func, f"{name}[{index}]", square, probabilities)
         if first_shape is None:
@@ -170,7 +213,7 @@ def layer_arrays(layers, func, name="maps", square=True, probabilities=True):
         yield array, batched
 
 
-def check_prefix(num_prefix_tokens, num_tokens, func):
+def check_prefix(num_prefix_tokens: Integer, num_tokens: int, func: str) -> int:
     """Return ``num_prefix_tokens`` if it leaves at least one patch token."""
     if (
         not isinstance(num_prefix_tokens, (int, np.integer))
@@ -183,7 +226,12 @@ def check_prefix(num_prefix_tokens, num_tokens, func):
     return int(num_prefix_tokens)
 
 
-def grid_shape(num_tokens, num_prefix_tokens, grid_size, func):
+def grid_shape(
+    num_tokens: int,
+    num_prefix_tokens: Integer,
+    grid_size: Union[None, Integer, Sequence[SupportsInt]],
+    func: str,
+) -> Tuple[int, int]:
     """Return the patch grid ``(h, w)`` for ``num_tokens`` tokens.
 
     ``grid_size`` may be ``(h, w)``, an int for a square grid, or None to infer
@@ -216,14 +264,16 @@ def grid_shape(num_tokens, num_prefix_tokens, grid_size, func):
     return height, width
 
 
-def check_index(index, size, func, name):
+def check_index(index: Integer, size: int, func: str, name: str) -> int:
     """Return ``index`` as a non-negative int, accepting Python's negative indices."""
     if not isinstance(index, (int, np.integer)) or not -size <= index < size:
         raise VisualizerError(f"{func}: {name} must be an int in [{-size}, {size}); got {index!r}")
     return int(index) % size
 
 
-def pair(value, func, name):
+def pair(
+    value: Union[float, np.integer, np.floating, Sequence[SupportsFloat]], func: str, name: str
+) -> Tuple[float, float]:
     """Return ``(a, b)`` from a positive number or a pair of positive numbers."""
     if isinstance(value, (int, float, np.integer, np.floating)):
         value = (value, value)
@@ -238,7 +288,7 @@ def pair(value, func, name):
     return first, second
 
 
-def cross_attention_array(cross_attn, func):
+def cross_attention_array(cross_attn: ArrayOrTensor, func: str) -> FloatArray:
     """Coerce DETR cross-attention to ``(B, H, Q, S)`` (``H = 1`` if head-averaged)."""
     array = to_numpy(cross_attn, func, "cross_attn")
     if array.ndim in (3, 4):

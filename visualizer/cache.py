@@ -7,13 +7,30 @@ captured, or a dict name -> value when several are.
 torch is imported lazily (only when a torch tensor is seen), so this module
 works on Pythons where torch is not installed.
 """
+import collections
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import sys
 import threading
 import warnings
+
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NoReturn,
+    Optional,
+    Tuple,
+    Union,
+    cast,
+)
 
 import numpy as np
 
@@ -26,7 +43,7 @@ class _Marker:
 
     __slots__ = ("_name",)
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         self._name = name
 
     def __repr__(self):
@@ -46,6 +63,14 @@ MISSING = _Marker("MISSING")
 # A value that could not be stored (an object that cannot be copied, a tensor
 # numpy cannot hold): recorded in its place, with a warning, so the call goes on.
 NOT_CAPTURED = _Marker("NOT_CAPTURED")
+
+if TYPE_CHECKING:
+    import os
+
+    PathLike = Union[str, "os.PathLike[str]"]
+
+# get_local.cache and scoped caches: key -> one entry per call.
+Cache = Dict[str, Any]
 
 _TORCH_ONLY_DTYPES = ("bfloat16",)
 
@@ -68,7 +93,13 @@ class StoragePolicy:
 
     __slots__ = ("keep_on_device", "dtype", "max_entries", "detach")
 
-    def __init__(self, keep_on_device=False, dtype=None, max_entries=None, detach=True):
+    def __init__(
+        self,
+        keep_on_device: bool = False,
+        dtype: Any = None,
+        max_entries: Optional[int] = None,
+        detach: bool = True,
+    ) -> None:
         if not isinstance(keep_on_device, bool):
             raise VisualizerError(
                 f"get_local: keep_on_device must be True or False; got {keep_on_device!r}"
@@ -110,7 +141,7 @@ _STORABLE_DTYPES = (
 )
 
 
-def _dtype_name(dtype):
+def _dtype_name(dtype: Any) -> Optional[str]:
     """Normalize a dtype given as str, numpy or torch dtype to its name ('f4' -> 'float32')."""
     if dtype is None:
         return None
@@ -124,21 +155,25 @@ def _dtype_name(dtype):
         try:
             name = np.dtype(name).name
         except TypeError:
-            name = None
+            _refuse_dtype(dtype)
     if name not in _STORABLE_DTYPES:
-        raise VisualizerError(
-            f"get_local: dtype must name a dtype numpy and torch can both store, one of "
-            f"{list(_STORABLE_DTYPES)} (bfloat16 with keep_on_device=True), as a string, "
-            f"numpy or torch dtype; got {dtype!r}"
-        )
+        _refuse_dtype(dtype)
     return name
+
+
+def _refuse_dtype(dtype: Any) -> NoReturn:
+    raise VisualizerError(
+        f"get_local: dtype must name a dtype numpy and torch can both store, one of "
+        f"{list(_STORABLE_DTYPES)} (bfloat16 with keep_on_device=True), as a string, "
+        f"numpy or torch dtype; got {dtype!r}"
+    )
 
 
 # Values that cannot change after the call: stored as they are.
 IMMUTABLE_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
-def snapshot(value, policy, owned=False):
+def snapshot(value: Any, policy: StoragePolicy, owned: bool = False) -> Any:
     """A copy of `value` that later in-place changes to it cannot alter.
 
     `owned=True` says `value` is a tensor just computed for the record that
@@ -165,7 +200,7 @@ def snapshot(value, policy, owned=False):
             copied[key] = snapshot(item, policy)
         return copied
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        copied = copy.copy(value)
+        copied = copy.copy(value)  # type: ignore[arg-type]  # typeshed: copy(dataclass)
         for field in dataclasses.fields(value):
             # object.__setattr__: frozen dataclasses too.
             object.__setattr__(copied, field.name, snapshot(getattr(value, field.name), policy))
@@ -188,7 +223,7 @@ class Uncapturable(Exception):
     """Raised by snapshot for a value it cannot copy; the recorder stores NOT_CAPTURED."""
 
 
-def _snapshot_tensor(torch, tensor, policy, owned=False):
+def _snapshot_tensor(torch: Any, tensor: Any, policy: StoragePolicy, owned: bool = False) -> Any:
     dtype = getattr(torch, policy.dtype) if policy.dtype else None
     if policy.detach:
         tensor = tensor.detach()
@@ -215,7 +250,7 @@ class CaptureCache(dict):
 
     __slots__ = ("_store",)
 
-    def __init__(self, store):
+    def __init__(self, store: "CaptureStore") -> None:
         super().__init__()
         self._store = store
 
@@ -226,15 +261,121 @@ class CaptureCache(dict):
         return entries
 
 
+class BoundedEntries(collections.deque):
+    """The entries of one key under `max_entries`: the newest ones, in call order.
+
+    A deque with `maxlen`, so an append past the bound drops the oldest entry
+    in C, in O(1), without a lock (trimming a list cost O(bound) per call).
+    It reads like the list it stands for: equal to a list of the same
+    entries, sliced into a list; copied or pickled, it is a plain list.
+
+    `appends` counts every append (`next()` is atomic under the GIL), so the
+    number of dropped entries is exact when several threads append at once.
+    """
+
+    def __init__(self, entries: Iterable[Any] = (), maxlen: int = 1) -> None:
+        entries = list(entries)
+        super().__init__(entries[len(entries) - maxlen:] if len(entries) > maxlen else entries,
+                         maxlen)
+        self._dropped_before = len(entries) - len(self)
+        # Yields how many entries were held or appended before each append:
+        # that append drops one iff the number is >= maxlen.
+        self.appends = itertools.count(len(self))
+        self._reads = 0  # next() calls made by `dropped`, not by appends
+        self.warned = False
+
+    @property
+    def dropped(self) -> int:
+        """How many entries were dropped from this list so far."""
+        total = next(self.appends) - self._reads
+        self._reads += 1
+        return self._dropped_before + max(0, total - (self.maxlen or 0))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list(self)[index]
+        return super().__getitem__(index)
+
+    def __eq__(self, other):
+        if isinstance(other, list):
+            return list(self) == other
+        return super().__eq__(other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+    def __reduce__(self):
+        return (list, (list(self),))
+
+    def __repr__(self):
+        return f"BoundedEntries({list(self)!r}, maxlen={self.maxlen})"
+
+
 class Scope:
-    """Where captures go: a cache dict, its drop counts and its storage policy."""
+    """Where captures go: a cache dict and its storage policy.
 
-    __slots__ = ("cache", "dropped", "policy")
+    `bound` mirrors `policy.max_entries` (read by every recorder call). While
+    it is set, every list of the cache is a BoundedEntries of that bound:
+    setting the policy converts them.
+    """
 
-    def __init__(self, cache, dropped, policy):
+    __slots__ = ("cache", "bound", "_policy", "_dropped_earlier")
+
+    def __init__(self, cache: "CaptureCache", policy: StoragePolicy) -> None:
         self.cache = cache
-        self.dropped = dropped
+        self._dropped_earlier: Dict[str, int] = {}  # drops of entries converted back to lists
+        self.bound = None
         self.policy = policy
+
+    @property
+    def policy(self):
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy):
+        self._policy = policy
+        self.bound = policy.max_entries
+        for key, entries in list(self.cache.items()):
+            self.cache[key] = self.entries_like(entries, key)
+
+    def new_entries(self) -> Union[List[Any], BoundedEntries]:
+        """An empty entries list for this scope's bound."""
+        return [] if self.bound is None else BoundedEntries(maxlen=self.bound)
+
+    def entries_like(self, entries: Iterable[Any], key: str) -> Union[List[Any], BoundedEntries]:
+        """`entries` in the container this scope's bound calls for (the same object if it is)."""
+        if self.bound is None:
+            if type(entries) is BoundedEntries:
+                self._count_earlier(key, entries.dropped)
+                return list(entries)
+            return entries if isinstance(entries, (list, BoundedEntries)) else list(entries)
+        if type(entries) is BoundedEntries and entries.maxlen == self.bound:
+            return entries
+        if type(entries) is BoundedEntries:
+            self._count_earlier(key, entries.dropped)
+        return BoundedEntries(entries, self.bound)
+
+    def _count_earlier(self, key, count):
+        if count:
+            self._dropped_earlier[key] = self._dropped_earlier.get(key, 0) + count
+
+    @property
+    def dropped(self):
+        """key -> number of entries dropped by max_entries since the last clear."""
+        counts = dict(self._dropped_earlier)
+        for key, entries in list(self.cache.items()):
+            if type(entries) is BoundedEntries:
+                count = entries.dropped
+                if count:
+                    counts[key] = counts.get(key, 0) + count
+        return counts
+
+    def clear(self):
+        for key in self.cache:
+            self.cache[key] = self.new_entries()
+        self._dropped_earlier.clear()
 
     def __reduce__(self):
         # Pickled along with a recorder: in the receiving process, captures go
@@ -254,7 +395,7 @@ class CaptureStore:
     def __init__(self):
         # Called with a key whose empty list a user reads (see CaptureCache).
         self.on_empty_read = None
-        self.process_scope = Scope(self.new_cache(), {}, StoragePolicy())
+        self.process_scope = Scope(self.new_cache(), StoragePolicy())
         # scoped() blocks open in any thread: while none is, recorders go
         # straight to process_scope without a thread-local lookup.
         self.open_scopes = 0
@@ -272,7 +413,7 @@ class CaptureStore:
         # there lazily: capture imports this module.
         return (_process_store, ())
 
-    def current(self):
+    def current(self) -> Scope:
         """The scope this thread records into."""
         if self.open_scopes:
             stack = getattr(self._threads, "stack", None)
@@ -284,27 +425,32 @@ class CaptureStore:
         lambda self: self.current().cache,
         lambda self, value: setattr(self.current(), "cache", value),
     )
-    dropped = property(lambda self: self.current().dropped)
+    @property
+    def dropped(self):
+        with self._lock:  # BoundedEntries.dropped counts its own reads
+            return self.current().dropped
     policy = property(
         lambda self: self.current().policy,
         lambda self, value: setattr(self.current(), "policy", value),
     )
 
-    def new_cache(self, contents=()):
+    def new_cache(
+        self, contents: Union[Mapping[str, Any], Iterable[Tuple[str, Any]]] = ()
+    ) -> CaptureCache:
         """A CaptureCache of this store, holding `contents` (a dict or pairs)."""
         cache = CaptureCache(self)
         cache.update(contents)
         return cache
 
     @contextlib.contextmanager
-    def scoped(self, policy):
+    def scoped(self, policy: StoragePolicy) -> Iterator[CaptureCache]:
         """Capture this thread's calls into a fresh cache with `policy` for a block.
 
         Yields the fresh dict. Other threads keep recording where they did;
         on exit, also when the block raises, this thread records where it did
         before.
         """
-        scope = Scope(self.new_cache(), {}, policy)
+        scope = Scope(self.new_cache(), policy)
         stack = getattr(self._threads, "stack", None)
         if stack is None:
             stack = self._threads.stack = []
@@ -318,43 +464,47 @@ class CaptureStore:
                 self.open_scopes -= 1
             stack.remove(scope)
 
-    def append(self, key, entry):
+    def append(self, key: str, entry: Any) -> None:
         """Append one call's entry (already a snapshot) under `key`, in this thread's scope.
 
-        The common path takes no lock: dict.setdefault and list.append are
-        atomic under the GIL. Only trimming to max_entries, a read-modify-write,
-        is locked.
+        Takes no lock: dict.setdefault, list.append and deque.append are
+        atomic under the GIL. (Recorders inline this; keep them in step.)
         """
         scope = self.current()
         entries = scope.cache.get(key)
         if entries is None:
-            entries = scope.cache.setdefault(key, [])
-        entries.append(entry)
-        if scope.policy.max_entries is not None:
-            self.trim(key, entries, scope, stacklevel=4)
-
-    def trim(self, key, entries, scope, stacklevel=3):
-        """Drop the oldest entries of `key` beyond the scope's max_entries, counting them.
-
-        `stacklevel` makes the one-time warning point at the captured function.
-        """
-        limit = scope.policy.max_entries
-        if len(entries) <= limit:
+            entries = scope.cache.setdefault(key, scope.new_entries())
+        bound = scope.bound
+        if bound is None:
+            entries.append(entry)
             return
+        if type(entries) is not BoundedEntries or entries.maxlen != bound:
+            entries = self.bounded_entries(scope, key)
+        entries.append(entry)
+        if next(entries.appends) >= bound and not entries.warned:
+            self.warn_bound(entries, key, bound, stacklevel=4)
+
+    def bounded_entries(self, scope: Scope, key: str) -> BoundedEntries:
+        """The BoundedEntries under `key`, converting what a user put there."""
         with self._lock:
-            excess = len(entries) - limit
-            if excess <= 0:
-                return
-            del entries[:excess]
-            scope.dropped[key] = scope.dropped.get(key, 0) + excess
-        if key not in self._warned_bound:
-            self._warned_bound.add(key)
-            warnings.warn(
-                f"get_local: the cache for {key!r} holds at most {limit} entries "
-                f"(max_entries); older entries are dropped, counted in get_local.dropped",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
+            entries = scope.entries_like(scope.cache.get(key, []), key)
+            scope.cache[key] = entries
+            return cast(BoundedEntries, entries)  # the scope is bounded: recorders checked
+
+    def warn_bound(
+        self, entries: BoundedEntries, key: str, limit: int, stacklevel: int = 3
+    ) -> None:
+        """The first drop under `key`: say so once. `stacklevel` points at the captured function."""
+        entries.warned = True
+        if key in self._warned_bound:
+            return
+        self._warned_bound.add(key)
+        warnings.warn(
+            f"get_local: the cache for {key!r} holds at most {limit} entries "
+            f"(max_entries); older entries are dropped, counted in get_local.dropped",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
     def clear(self):
         """Empty every list of this thread's scope, keeping the keys (as the original did).
@@ -364,9 +514,7 @@ class CaptureStore:
         """
         scope = self.current()
         with self._lock:
-            for key in scope.cache:
-                scope.cache[key] = []
-            scope.dropped.clear()
+            scope.clear()
 
 
 def _process_store():
@@ -385,7 +533,7 @@ _FORMAT = "visualizer-cache"
 _MANIFEST = "__manifest__"
 
 
-def save_cache(cache, path):
+def save_cache(cache: Mapping[str, Any], path: "PathLike") -> None:
     """Write a cache dict to an .npz file, without pickle.
 
     Arrays and tensors become arrays (bfloat16 as float32, which holds it
@@ -396,7 +544,7 @@ def save_cache(cache, path):
         cache: `get_local.cache` or a dict of the same form.
         path: file to write (written as given; no suffix is added).
     """
-    arrays = {}
+    arrays: Dict[str, np.ndarray] = {}
 
     def encode(value, where):
         if value is MISSING:
@@ -424,14 +572,15 @@ def save_cache(cache, path):
             "tensor, a number, a string, None or a list/tuple of them"
         )
 
-    manifest = {"format": _FORMAT, "version": 1, "keys": []}
+    keys: List[Dict[str, Any]] = []
+    manifest = {"format": _FORMAT, "version": 1, "keys": keys}
     for key, entries in cache.items():
         if not isinstance(key, str):
             raise VisualizerError(
                 f"save_cache: keys must be strings (function or module names); got {key!r} "
                 f"({type(key).__qualname__})"
             )
-        if not isinstance(entries, (list, tuple)):
+        if not isinstance(entries, (list, tuple, BoundedEntries)):
             raise VisualizerError(
                 f"save_cache: cache[{key!r}] must be a list of entries, one per call; got "
                 f"{type(entries).__qualname__}"
@@ -445,13 +594,13 @@ def save_cache(cache, path):
                 )
             else:
                 encoded.append({"value": encode(entry, where)})
-        manifest["keys"].append({"key": key, "entries": encoded})
+        keys.append({"key": key, "entries": encoded})
     arrays[_MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
     with open(path, "wb") as file:
-        np.savez(file, **arrays)
+        np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub: a bool kwarg
 
 
-def load_cache(path):
+def load_cache(path: "PathLike") -> Dict[str, List[Any]]:
     """Read a file written by `save_cache` back into a cache dict of numpy arrays.
 
     Anything else (another .npz or .npy, a truncated or corrupt file) raises

@@ -25,19 +25,39 @@ import threading
 import types
 import warnings
 import weakref
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from ._errors import VisualizerError
 from ._ranks import captures_here, validate_ranks
-from ._rewrite import READ_FROM_FRAME, instrument, local_names
+from ._rewrite import instrument, local_names
 from ._warnings import warn_user
+from ._ranks import Ranks
 from .cache import (
     IMMUTABLE_TYPES,
+    BoundedEntries,
+    Cache,
+    CaptureCache,
     MISSING,
     NOT_CAPTURED,
     CaptureStore,
     StoragePolicy,
     snapshot,
 )
+
+Decorated = TypeVar("Decorated")
+# select=: one callable for every name, or name -> callable.
+Select = Union[Callable[[Any], Any], Mapping[str, Callable[[Any], Any]], None]
 
 _MAX_WRAPPED_DEPTH = 100
 # Instrumented code objects kept for reuse (nested functions are re-created on
@@ -52,7 +72,7 @@ _NOT_RECORDED = object()
 
 # The process whose captures were last checked for being in a child process
 # (a DataLoader worker): checked once per process, on its first tensor capture.
-_checked_process = [None]
+_checked_process: list = [None]
 
 
 class _Registration:
@@ -60,15 +80,21 @@ class _Registration:
 
     __slots__ = ("target", "key", "names", "select", "original_code", "installed_code")
 
-    def __init__(self, target, key, names, select):
+    def __init__(
+        self,
+        target: types.FunctionType,
+        key: str,
+        names: Tuple[str, ...],
+        select: Dict[str, Callable[[Any], Any]],
+    ) -> None:
         self.target = target
         self.key = key
         self.names = names
         self.select = select
         self.original_code = target.__code__
-        self.installed_code = None  # the instrumented code while it is installed
+        self.installed_code: Optional[types.CodeType] = None  # while it is installed
 
-    def current_code(self):
+    def current_code(self) -> types.CodeType:
         """The code the function runs uninstrumented: its code now, if replaced since.
 
         Others may replace `__code__` after decorating: IPython's %autoreload
@@ -95,22 +121,26 @@ class GetLocal:
     to every name, or a dict name -> callable.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._store = CaptureStore()
         self._active = False
         self._lock = threading.RLock()
         # target function -> _Registration. Weak, so functions created on
         # every call (nested functions) do not pile up.
-        self._registrations = weakref.WeakKeyDictionary()
+        self._registrations: "weakref.WeakKeyDictionary[types.FunctionType, _Registration]" = (
+            weakref.WeakKeyDictionary()
+        )
         # key -> module of the function that owns it, to keep two functions
         # with one __qualname__ in different modules apart.
-        self._key_modules = {}
+        self._key_modules: Dict[str, str] = {}
         # (original code, key, names, select) -> instrumented code: nested
         # functions are re-created, and re-decorated, on every call.
         # A bounded LRU: a nested function re-decorated with a new `select`
         # lambda on every call would otherwise add an entry per call, forever.
-        self._instrumented = collections.OrderedDict()
-        self._warned = set()
+        self._instrumented: "collections.OrderedDict[Any, types.CodeType]" = (
+            collections.OrderedDict()
+        )
+        self._warned: Set[Any] = set()
         self._store.on_empty_read = self._warn_not_called
 
     def __reduce__(self):
@@ -122,11 +152,13 @@ class GetLocal:
 
     # -- decorating -------------------------------------------------------
 
-    def __call__(self, *names, select=None):
+    def __call__(
+        self, *names: str, select: Select = None
+    ) -> Callable[[Decorated], Decorated]:
         names = _validate_names(names)
         select = _validate_select(select, names)
 
-        def decorator(obj):
+        def decorator(obj: Decorated) -> Decorated:
             target = _find_target(obj, names)
             qualname = getattr(obj, "__qualname__", None) or target.__qualname__
             self._register(target, qualname, names, select)
@@ -166,11 +198,19 @@ class GetLocal:
 
     # -- switching --------------------------------------------------------
 
-    def activate(self, keep_on_device=False, dtype=None, max_entries=None, detach=True,
-                 ranks=None):
+    def activate(
+        self,
+        *,
+        keep_on_device: bool = False,
+        dtype: Any = None,
+        max_entries: Optional[int] = None,
+        detach: bool = True,
+        ranks: Ranks = None,
+    ) -> None:
         """Turn capture on for every decorated function, now and later ones.
 
         The storage arguments set how values are stored; see `StoragePolicy`.
+        They are keyword-only: `activate(True)` once meant keep_on_device.
         `ranks` (an int or ints) switches capture on only in those processes
         of a torch.distributed job; elsewhere every function keeps running
         its original code (see `visualizer._ranks` for how a rank is known).
@@ -192,7 +232,7 @@ class GetLocal:
         if not was_active:
             self._forget_compiled_code()
 
-    def deactivate(self):
+    def deactivate(self) -> None:
         """Turn capture off: every decorated function gets its original code back."""
         with self._lock:
             was_active, self._active = self._active, False
@@ -228,13 +268,25 @@ class GetLocal:
             )
 
     @property
-    def is_activate(self):
-        """Whether capture is on (the original Visualizer's name)."""
+    def is_active(self) -> bool:
+        """Whether capture is on (as `sdpa_capture.is_active`)."""
+        return self._active
+
+    @property
+    def is_activate(self) -> bool:
+        """Whether capture is on: the original Visualizer's name for `is_active`."""
         return self._active
 
     @contextlib.contextmanager
-    def capture(self, keep_on_device=False, dtype=None, max_entries=None, detach=True,
-                ranks=None):
+    def capture(
+        self,
+        *,
+        keep_on_device: bool = False,
+        dtype: Any = None,
+        max_entries: Optional[int] = None,
+        detach: bool = True,
+        ranks: Ranks = None,
+    ) -> Iterator[CaptureCache]:
         """Capture inside a `with` block into a fresh cache, then restore.
 
         Yields a new dict that receives this block's captures; `get_local.cache`
@@ -263,7 +315,7 @@ class GetLocal:
                 else:
                     self.deactivate()
 
-    def key_of(self, function):
+    def key_of(self, function: Any) -> Optional[str]:
         """The cache key of a decorated function, or None if it is not decorated.
 
         `function` may be the decorated object itself, a bound method, a
@@ -286,7 +338,7 @@ class GetLocal:
         return None
 
     @contextlib.contextmanager
-    def deferring_to_fused(self):
+    def deferring_to_fused(self) -> Iterator[None]:
         """A block in which another recorder captures fused-attention calls.
 
         While inside, a decorated call whose names are all unbound (it took a
@@ -305,12 +357,12 @@ class GetLocal:
     # -- the cache --------------------------------------------------------
 
     @property
-    def cache(self):
+    def cache(self) -> CaptureCache:
         """Function key -> list with one entry per call, in call order."""
         return self._store.cache
 
     @cache.setter
-    def cache(self, value):
+    def cache(self, value: Cache) -> None:
         if not isinstance(value, dict):
             raise VisualizerError(
                 f"get_local.cache must be a dict; got {type(value).__qualname__}"
@@ -319,21 +371,21 @@ class GetLocal:
         self._store.cache = self._store.new_cache(value)
 
     @property
-    def store(self):
+    def store(self) -> CaptureStore:
         """The CaptureStore captures go to: the seam fused and model-level capture share."""
         return self._store
 
     @property
-    def dropped(self):
+    def dropped(self) -> Dict[str, int]:
         """Function key -> number of entries dropped by `max_entries`."""
         return self._store.dropped
 
     @property
-    def policy(self):
+    def policy(self) -> StoragePolicy:
         """The StoragePolicy in force."""
         return self._store.policy
 
-    def clear(self):
+    def clear(self) -> None:
         """Empty the cache (keys stay, each with a new empty list)."""
         self._store.clear()
 
@@ -354,7 +406,9 @@ class GetLocal:
         if code is None:
             recorder = self._make_recorder(registration)
             try:
-                code = instrument(registration.original_code, registration.names, recorder)
+                code = instrument(
+                    registration.original_code, registration.names, recorder, MISSING
+                )
             except Exception as error:
                 raise VisualizerError(
                     f"get_local: could not instrument {registration.key} to capture "
@@ -384,19 +438,19 @@ class GetLocal:
             if value is MISSING:
                 warn_missing(key, name)
                 return value
+            torch = sys.modules.get("torch")
+            if torch is not None and torch._C._current_autograd_node() is not None:
+                # Activation checkpointing re-running the forward during
+                # backward: not a new call.
+                return _NOT_RECORDED
             chooser = select.get(name)
             if chooser is not None:
                 value = _apply_select(chooser, value, key, name)
             if type(value) not in IMMUTABLE_TYPES:
-                torch = sys.modules.get("torch")
                 if torch is not None:
                     if _checked_process[0] != os.getpid():
                         _checked_process[0] = os.getpid()
                         warn_child_process(key, torch)
-                    if torch._C._current_autograd_node() is not None:
-                        # Activation checkpointing re-running the forward
-                        # during backward: not a new call.
-                        return _NOT_RECORDED
                     transform = _tracing_transform(torch, value)
                     if transform is not None:
                         warn_transform(key, name, transform)
@@ -413,6 +467,12 @@ class GetLocal:
                     value = NOT_CAPTURED
             return value
 
+        # A checkpointed forward re-run by autograd's backward is not a new
+        # call (keep() checks this for values it copies). Bound once: torch is
+        # loaded by the time a model's functions are switched on.
+        torch = sys.modules.get("torch")
+        in_backward = torch._C._current_autograd_node if torch is not None else None
+
         # The recorder's own cost is most of the cost of capture (see
         # benchmarks/), so the common case, one name, is written out in full:
         # an immutable value with nothing to select goes straight to its list.
@@ -428,37 +488,36 @@ class GetLocal:
             process_scope = store.process_scope  # one object for the store's lifetime
 
             def record(value):
-                if value is READ_FROM_FRAME:
-                    value = sys._getframe(1).f_locals.get(only_name, MISSING)
-                    if value is MISSING and store.fused_recorders:
-                        warn_left_to_fused(key, names)
+                if type(value) in IMMUTABLE_TYPES and not needs_keep:
+                    if in_backward is not None and in_backward() is not None:
                         return
-                if needs_keep or type(value) not in IMMUTABLE_TYPES:
+                elif value is MISSING and store.fused_recorders:
+                    warn_left_to_fused(key, names)
+                    return
+                else:
                     value = keep(only_name, value)
                     if value is _NOT_RECORDED:
                         return
-                # Inline CaptureStore.append: dict.setdefault and list.append
-                # are atomic under the GIL; trimming takes the store's lock.
-                # No thread-local lookup unless a capture() block is open.
+                # CaptureStore.append, inlined: no thread-local lookup unless a
+                # capture() block is open, no lock (append is atomic).
                 scope = process_scope if not store.open_scopes else store.current()
                 entries = scope.cache.get(key)
                 if entries is None:
-                    entries = scope.cache.setdefault(key, [])
+                    entries = scope.cache.setdefault(key, scope.new_entries())
+                bound = scope.bound
+                if bound is None:
+                    entries.append(value)
+                    return
+                if type(entries) is not BoundedEntries or entries.maxlen != bound:
+                    entries = store.bounded_entries(scope, key)
                 entries.append(value)
-                if scope.policy.max_entries is not None:
-                    store.trim(key, entries, scope)
+                if next(entries.appends) >= bound and not entries.warned:
+                    store.warn_bound(entries, key, bound)
 
             return record
 
         def record_several(*values):
-            frame_locals = None
-            found = {}
-            for name, value in zip(names, values):
-                if value is READ_FROM_FRAME:
-                    if frame_locals is None:
-                        frame_locals = sys._getframe(1).f_locals
-                    value = frame_locals.get(name, MISSING)
-                found[name] = value
+            found = dict(zip(names, values))
             if store.fused_recorders and all(v is MISSING for v in found.values()):
                 warn_left_to_fused(key, names)
                 return
@@ -487,14 +546,15 @@ class GetLocal:
         where = None
         data = sys.modules.get("torch.utils.data")
         info = data.get_worker_info() if data is not None else None
+        parent = multiprocessing.parent_process()
         if info is not None:
             where = f"DataLoader worker {info.id} of {info.num_workers}"
         elif (
-            multiprocessing.parent_process() is not None
+            parent is not None
             and not (torch.distributed.is_available() and torch.distributed.is_initialized())
             and "RANK" not in os.environ
         ):
-            where = f"child process {os.getpid()} of process {multiprocessing.parent_process().pid}"
+            where = f"child process {os.getpid()} of process {parent.pid}"
         if where is None:
             return
         self._warn_once(

@@ -11,30 +11,6 @@ import numpy as np
 import pytest
 
 from visualizer import MISSING, VisualizerError, load_cache, save_cache
-from visualizer.capture import GetLocal
-
-
-@pytest.fixture
-def gl():
-    instance = GetLocal()
-    yield instance
-    instance.deactivate()
-
-
-@pytest.fixture
-def module_dir(tmp_path, monkeypatch):
-    """Write modules to a temporary folder that is importable."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    created = []
-
-    def write(name, source):
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        created.append(name)
-        return name
-
-    yield write
-    for name in created:
-        sys.modules.pop(name, None)
 
 
 # -- the original API --------------------------------------------------------
@@ -241,6 +217,18 @@ def test_entries_are_snapshots(gl):
     assert np.array_equal(gl.cache[fill.__qualname__][0], np.ones(3))
 
 
+def call_from_threads(work, threads=8, calls=500):
+    """work(i) for i in range(threads * calls), each thread calling its own run of i at once."""
+    running = [
+        threading.Thread(target=lambda start=start: [work(i) for i in range(start, start + calls)])
+        for start in range(0, threads * calls, calls)
+    ]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+
+
 def test_threads_lose_nothing(gl):
     @gl("value")
     def work(i):
@@ -248,14 +236,7 @@ def test_threads_lose_nothing(gl):
         return value
 
     gl.activate()
-    threads = [
-        threading.Thread(target=lambda start=start: [work(i) for i in range(start, start + 500)])
-        for start in range(0, 4000, 500)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    call_from_threads(work)
     assert sorted(gl.cache[work.__qualname__]) == [i * 2 for i in range(4000)]
 
 
@@ -273,6 +254,68 @@ def test_bounded_cache_keeps_the_newest_and_counts_the_dropped(gl):
     assert gl.cache[work.__qualname__] == [95, 96, 97, 98, 99]
     assert gl.dropped[work.__qualname__] == 95
     assert len([w for w in caught if "max_entries" in str(w.message)]) == 1
+
+
+def test_bounded_cache_counts_exactly_when_threads_append_at_once(gl):
+    @gl("value")
+    def work(i):
+        value = i
+        return value
+
+    gl.activate(max_entries=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        call_from_threads(work)
+    kept = gl.cache[work.__qualname__]
+    assert len(kept) == 100 and len(set(kept)) == 100
+    assert gl.dropped == {work.__qualname__: 3900}
+    # Each thread's own entries stay in its call order.
+    for start in range(0, 4000, 500):
+        mine = [v for v in kept if start <= v < start + 500]
+        assert mine == sorted(mine)
+
+
+def test_bounded_lists_read_like_lists_and_follow_the_bound(gl, tmp_path):
+    @gl("value")
+    def work(i):
+        value = i
+        return value
+
+    gl.activate()
+    for i in range(6):
+        work(i)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gl.activate(max_entries=4)  # the list in place is bounded now: the 2 oldest go
+        entries = gl.cache[work.__qualname__]
+        assert entries == [2, 3, 4, 5] and [2, 3, 4, 5] == entries and entries != [5]
+        assert gl.dropped == {work.__qualname__: 2}
+        work(6)
+    assert [str(w.message) for w in caught if "max_entries" in str(w.message)] != []
+    assert entries[1:] == [4, 5, 6] and isinstance(entries[1:], list)
+    assert entries[-1] == 6 and len(entries) == 4 and list(entries) == [3, 4, 5, 6]
+    assert gl.dropped == {work.__qualname__: 3}
+    save_cache(gl.cache, tmp_path / "bounded.npz")
+    assert load_cache(tmp_path / "bounded.npz") == {work.__qualname__: [3, 4, 5, 6]}
+    gl.activate()  # unbounded again: a plain list, drops counted so far kept
+    assert type(gl.cache[work.__qualname__]) is list
+    work(7)
+    assert gl.cache[work.__qualname__] == [3, 4, 5, 6, 7]
+    assert gl.dropped == {work.__qualname__: 3}
+    gl.clear()
+    assert gl.dropped == {} and gl.cache == {work.__qualname__: []}
+
+
+def test_storage_options_are_keyword_only_and_is_active_names_the_switch(gl):
+    # activate(True) used to mean keep_on_device=True without a word.
+    with pytest.raises(TypeError):
+        gl.activate(True)
+    with pytest.raises(TypeError):
+        with gl.capture(True):
+            pass
+    assert gl.is_active is False and gl.is_activate is False
+    gl.activate(max_entries=3)
+    assert gl.is_active is True and gl.is_activate is True
 
 
 def test_select_is_applied_before_the_copy(gl):
