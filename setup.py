@@ -20,6 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["visualizer", "visualizer.*"]),
+    package_data={"visualizer": ["py.typed"]},  # the package is typed (PEP 561)
     python_requires=">=3.9",
     # The capture core needs only these; torch and matplotlib are extras so
     # the core installs (and is tested) on Pythons without them.
@@ -36,6 +37,7 @@ setup(
             "nbformat>=5",
             "nbclient>=0.7",
             "ipykernel>=6",
+            "mypy>=1.10",
         ],
     },
     classifiers=[

@@ -69,7 +69,7 @@ def train_vit(model, steps, seed=0, batch_size=64, lr=2e-3, log_every=50):
     then anneal to zero) ends each call at a settled model, so what is
     visualized after it is not a snapshot of a noisy step.
     """
-    if get_local.is_activate:
+    if get_local.is_active:
         # The decorator may stay in place, but capture must be off: on, every
         # training step would store each block's (B, H, N, N) map.
         raise RuntimeError(

@@ -594,6 +594,36 @@ def test_start_twice_is_an_error():
         recorder.stop()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_start_that_fails_part_way_leaves_nothing_behind():
+    # The warning about a TorchScript submodule, turned into an error, stops
+    # start() half way: no hook may stay on the model, and the recorder must
+    # be stoppable and startable again.
+    class WithScripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.scripted = torch.jit.script(torch.nn.Linear(8, 8))
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    model = WithScripted()
+    recorder = capture_attention(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning, match="TorchScript"):
+            recorder.start()
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    assert hooks == 0 and get_local.store.fused_recorders == 0
+    recorder.stop()  # a no-op, not an AttributeError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with capture_attention(model) as maps, torch.no_grad():
+            model(torch.randn(1, 3, 8))
+    assert list(maps) == ["attn"]
+
+
 def test_model_not_run_in_the_block_warns():
     model = toy_vit(fused=True, depth=1)
     with (

@@ -3,10 +3,19 @@
 `analysis` (numbers from maps) and `plot` (figures) are submodules:
 `from visualizer import analysis, plot`.
 """
+from typing import TYPE_CHECKING, Any
+
 from ._environment import switch_on_from_environment
 from ._errors import VisualizerError
 from .cache import MISSING, NOT_CAPTURED, StoragePolicy, load_cache, save_cache
 from .capture import get_local
+
+if TYPE_CHECKING:
+    # What __getattr__ imports on first use, for type checkers (torch is not
+    # imported at runtime here).
+    from .attention import AttentionMaps, capture_attention
+    from .distributed import all_gather, gather
+    from .fused import sdpa_capture
 
 __all__ = [
     "AttentionMaps",
@@ -24,7 +33,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # Fused and model-level capture need torch; they are imported on first use
     # so that `import visualizer` works on Pythons without torch.
     if name == "sdpa_capture":

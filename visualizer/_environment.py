@@ -15,19 +15,25 @@ A value that cannot be read is an error naming the variable, raised at import.
 
 import os
 import warnings
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping
 
 from ._errors import VisualizerError
 from ._ranks import current_rank
+
+if TYPE_CHECKING:
+    from .capture import GetLocal
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def switch_on_from_environment(get_local, environ=os.environ):
+def switch_on_from_environment(
+    get_local: "GetLocal", environ: Mapping[str, str] = os.environ
+) -> bool:
     """Activate `get_local` as the VISUALIZER_* variables say; return whether it did."""
     if not _flag(environ, "VISUALIZER_CAPTURE"):
         return False
-    options = {"keep_on_device": _flag(environ, "VISUALIZER_KEEP_ON_DEVICE")}
+    options: Dict[str, Any] = {"keep_on_device": _flag(environ, "VISUALIZER_KEEP_ON_DEVICE")}
     if environ.get("VISUALIZER_DTYPE", "").strip():
         options["dtype"] = environ["VISUALIZER_DTYPE"].strip()
     if environ.get("VISUALIZER_MAX_ENTRIES", "").strip():
@@ -48,10 +54,10 @@ def switch_on_from_environment(get_local, environ=os.environ):
         get_local.activate(**options)
     except VisualizerError as error:
         raise VisualizerError(f"VISUALIZER_* environment variables: {error}") from None
-    return get_local.is_activate
+    return get_local.is_active
 
 
-def _flag(environ, name):
+def _flag(environ: Mapping[str, str], name: str) -> bool:
     value = environ.get(name, "").strip().lower()
     if value in _TRUE:
         return True
@@ -62,7 +68,7 @@ def _flag(environ, name):
     )
 
 
-def _integers(environ, name, several):
+def _integers(environ: Mapping[str, str], name: str, several: bool) -> List[int]:
     parts = environ[name].split(",") if several else [environ[name]]
     if not all(part.strip().isdigit() for part in parts):
         expected = "comma-separated non-negative integers" if several else "a non-negative integer"

@@ -5,15 +5,18 @@ a `TorchFunctionMode`, and both must take theirs off the stack even when other
 modes were entered after it and are still open.
 """
 
+from typing import List
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 
-def push_mode(mode):
+def push_mode(mode: TorchFunctionMode) -> None:
     """Put `mode` on top of this thread's torch function mode stack."""
     torch.overrides._push_mode(mode)
 
 
-def remove_mode(mode):
+def remove_mode(mode: TorchFunctionMode) -> bool:
     """Take `mode` off this thread's torch function mode stack, wherever it is.
 
     Modes entered after it (a user's own `with SomeMode():` still open) are
@@ -23,7 +26,7 @@ def remove_mode(mode):
     stack = torch.overrides._get_current_function_mode_stack()
     if not any(entry is mode for entry in stack):
         return False
-    above = []
+    above: List[TorchFunctionMode] = []
     while True:
         top = torch.overrides._pop_mode()
         if top is mode:

@@ -12,11 +12,15 @@ import multiprocessing
 import operator
 import os
 import sys
+from typing import AbstractSet, FrozenSet, Iterable, Optional, SupportsIndex, Union
 
 from ._errors import VisualizerError
 
+# What `ranks=` accepts: None (every process), one rank, or several.
+Ranks = Optional[Union[int, Iterable[SupportsIndex]]]
 
-def validate_ranks(ranks, who):
+
+def validate_ranks(ranks: Ranks, who: str) -> Optional[FrozenSet[int]]:
     """`ranks=` as given: None (every process), an int or a sequence of ints >= 0."""
     if ranks is None:
         return None
@@ -32,13 +36,13 @@ def validate_ranks(ranks, who):
     return checked
 
 
-def _rank(item):
+def _rank(item: SupportsIndex) -> int:
     if isinstance(item, bool) or operator.index(item) < 0:
         raise TypeError("not a rank")
     return operator.index(item)
 
 
-def current_rank():
+def current_rank() -> Optional[int]:
     """This process's global rank, or None when it cannot be known yet."""
     torch = sys.modules.get("torch")
     distributed = getattr(torch, "distributed", None) if torch is not None else None
@@ -53,7 +57,7 @@ def current_rank():
     return None
 
 
-def captures_here(ranks, who):
+def captures_here(ranks: Optional[AbstractSet[int]], who: str) -> bool:
     """Whether this process captures under `ranks` (checked by `validate_ranks`)."""
     if ranks is None:
         return True

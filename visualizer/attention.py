@@ -48,20 +48,60 @@ import fnmatch
 import inspect
 import sys
 import threading
+from types import TracebackType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Collection,
+    ContextManager,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Type,
+    Union,
+    cast,
+)
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from ._errors import VisualizerError
 from ._modes import push_mode, remove_mode
-from ._ranks import captures_here, validate_ranks
+from ._ranks import Ranks, captures_here, validate_ranks
 from ._warnings import warn_user
 from .cache import MISSING, StoragePolicy, snapshot
 from .capture import get_local
-from .fused import bind_sdpa_arguments, sdpa_weights, select_weights, validate_selection
+from .fused import (
+    CheckedSelection,
+    Selection,
+    StorageDType,
+    bind_sdpa_arguments,
+    sdpa_weights,
+    select_weights,
+    validate_selection,
+)
+
+# One recorded map: a numpy array, or a torch tensor with keep_on_device=True.
+MapEntry = Union[np.ndarray, torch.Tensor]
+# What `modules=` accepts: a glob or a list of globs over module paths.
+Globs = Union[str, Iterable[str]]
+# The positional and keyword arguments of a module call, as hooks see them.
+Args = Tuple[Any, ...]
+Kwargs = Dict[str, Any]
+
+if TYPE_CHECKING:
+    _MapsBase = Dict[str, List[MapEntry]]
+else:
+    _MapsBase = dict
 
 _WHO = "capture_attention"
 
@@ -96,7 +136,7 @@ _FUNCTIONAL_MULTI_HEAD_SIGNATURE = inspect.signature(F.multi_head_attention_forw
 _ENCODER_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
 
 
-class AttentionMaps(dict):
+class AttentionMaps(_MapsBase):
     """Module path -> list of (B, H, Q, K) maps, one per call, in call order.
 
     Keys are names from `model.named_modules()`, in the order their modules
@@ -107,11 +147,11 @@ class AttentionMaps(dict):
         dropped: module path -> entries dropped by `max_entries`.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.dropped = {}
+        self.dropped: Dict[str, int] = {}
 
-    def stack(self, modules=None, call=None):
+    def stack(self, modules: Optional[Globs] = None, call: Optional[int] = None) -> MapEntry:
         """The maps of several modules as one (L, B, H, Q, K) array, in key order.
 
         Args:
@@ -131,7 +171,7 @@ class AttentionMaps(dict):
                 f"AttentionMaps.stack: no module to stack; modules={modules!r} matched none of "
                 f"the {len(self)} keys {list(self)[:6]}"
             )
-        entries = []
+        entries: List[MapEntry] = []
         for key in keys:
             calls = dict.__getitem__(self, key)
             if call is None:
@@ -160,9 +200,10 @@ class AttentionMaps(dict):
             )
         if isinstance(entries[0], np.ndarray):
             return np.stack(entries)
-        return torch.stack(entries)
+        # One storage policy: all entries are tensors when the first is.
+        return torch.stack(cast(List[torch.Tensor], entries))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         parts = []
         for key, calls in self.items():
             shapes = sorted({tuple(entry.shape) for entry in calls})
@@ -172,7 +213,7 @@ class AttentionMaps(dict):
             parts.append(f"  {key!r}: {len(calls)} x {shown}")
         return "AttentionMaps({\n" + "\n".join(parts) + "\n})" if parts else "AttentionMaps({})"
 
-    def _append(self, key, entry, max_entries):
+    def _append(self, key: str, entry: MapEntry, max_entries: Optional[int]) -> bool:
         entries = self.get(key)
         if entries is None:
             entries = self.setdefault(key, [])
@@ -186,16 +227,16 @@ class AttentionMaps(dict):
 
 
 def capture_attention(
-    model,
-    modules=None,
-    rows=None,
-    heads=None,
+    model: nn.Module,
+    modules: Optional[Globs] = None,
+    rows: Selection = None,
+    heads: Selection = None,
     *,
-    keep_on_device=False,
-    dtype=None,
-    max_entries=None,
-    ranks=None,
-):
+    keep_on_device: bool = False,
+    dtype: Optional[StorageDType] = None,
+    max_entries: Optional[int] = None,
+    ranks: Ranks = None,
+) -> "AttentionRecorder":
     """Record the attention maps of every attention module of `model`.
 
     Use it as a context manager, which yields the `AttentionMaps`:
@@ -257,16 +298,16 @@ class AttentionRecorder:
 
     def __init__(
         self,
-        model,
-        modules=None,
-        rows=None,
-        heads=None,
+        model: nn.Module,
+        modules: Optional[Globs] = None,
+        rows: Selection = None,
+        heads: Selection = None,
         *,
-        keep_on_device=False,
-        dtype=None,
-        max_entries=None,
-        ranks=None,
-    ):
+        keep_on_device: bool = False,
+        dtype: Optional[StorageDType] = None,
+        max_entries: Optional[int] = None,
+        ranks: Ranks = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise VisualizerError(
                 f"{_WHO}: model must be a torch.nn.Module; got {type(model).__qualname__}"
@@ -276,8 +317,8 @@ class AttentionRecorder:
         except VisualizerError as error:
             raise VisualizerError(str(error).replace("get_local:", f"{_WHO}:", 1)) from None
         # Checked now, so a bad selection fails here and not inside the model.
-        self._rows = validate_selection(rows, "rows", _WHO)
-        self._heads = validate_selection(heads, "heads", _WHO)
+        self._rows: CheckedSelection = validate_selection(rows, "rows", _WHO)
+        self._heads: CheckedSelection = validate_selection(heads, "heads", _WHO)
         self._ranks = validate_ranks(ranks, _WHO)
         self.model = model
         self.maps = AttentionMaps()
@@ -291,33 +332,45 @@ class AttentionRecorder:
         self._modules_argument = modules
         self._started = False
         self._here = False  # whether this process records (ranks=)
-        self._handles = []
-        self._wrapped = []  # callables that undo _wrap_forward
+        self._handles: List[RemovableHandle] = []
+        self._wrapped: List[Callable[[], None]] = []  # callables that undo _wrap_forward
         self._state = threading.local()
         self._module_calls = 0
-        self._decorated = {}  # id(module) -> get_local key of its forward
-        self._defer = None
-        self._eager = None  # torch.compile's force_eager stance while recording
-        self._warned = set()
+        self._decorated: Dict[int, str] = {}  # id(module) -> get_local key of its forward
+        # get_local.deferring_to_fused(), entered while recording
+        self._defer: Optional[ContextManager[None]] = None
+        # torch.compile's force_eager stance while recording
+        self._eager: Optional[ContextManager[Any]] = None
+        self._warned: Set[Tuple[str, Optional[str]]] = set()
 
     # -- switching --------------------------------------------------------
 
     @property
-    def is_active(self):
+    def is_active(self) -> bool:
         """Whether the hooks are on (never in a process that `ranks` leaves out)."""
         return bool(self._handles or self._wrapped)
 
-    def start(self):
+    def start(self) -> "AttentionRecorder":
         """Put the hooks on the model's modules and start recording."""
         if self._started:
             raise VisualizerError(f"{_WHO}: this recorder is already started; stop() it first")
         self._started = True
-        self._here = captures_here(self._ranks, _WHO)
-        if not self._here:
-            return self
+        try:
+            self._here = captures_here(self._ranks, _WHO)
+            if self._here:
+                self._put_on()
+        except BaseException:
+            # A start that fails part way (a warning turned into an error, a
+            # hook that cannot be put on) leaves nothing on the model and the
+            # recorder stopped, so that it can be started again.
+            self._stop(warn_if_empty=False)
+            raise
+        return self
+
+    def _put_on(self) -> None:
         self._module_calls = 0
         self._warn_unseen_modules()
-        inside_encoder_layers = set()
+        inside_encoder_layers: Set[int] = set()
         for module in self._paths.values():
             if isinstance(module, nn.TransformerEncoderLayer):
                 # Its fast path is off as soon as it or any submodule has a
@@ -337,13 +390,12 @@ class AttentionRecorder:
         self._defer = get_local.deferring_to_fused()
         self._defer.__enter__()
         self._eager = _compiled_code_runs_eagerly()
-        return self
 
-    def stop(self):
+    def stop(self) -> None:
         """Take the hooks off; warn if the model ran and no attention was captured."""
         self._stop(warn_if_empty=True)
 
-    def _stop(self, warn_if_empty):
+    def _stop(self, warn_if_empty: bool) -> None:
         started, self._started = self._started, False
         if not started or not self._here:
             return
@@ -352,7 +404,9 @@ class AttentionRecorder:
         for unwrap in self._wrapped:
             unwrap()
         self._handles, self._wrapped = [], []
-        self._defer.__exit__(None, None, None)
+        if self._defer is not None:
+            self._defer.__exit__(None, None, None)
+            self._defer = None
         if self._eager is not None:
             self._eager.__exit__(None, None, None)
             self._eager = None
@@ -360,17 +414,22 @@ class AttentionRecorder:
         if warn_if_empty:
             self._warn_if_empty()
 
-    def __enter__(self):
+    def __enter__(self) -> AttentionMaps:
         self.start()
         return self.maps
 
-    def __exit__(self, exc_type, exc_value, traceback):
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc_value: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
         # An error in the block says enough: no "nothing captured" on top of it.
         self._stop(warn_if_empty=exc_type is None)
 
     # -- which modules ----------------------------------------------------
 
-    def _select(self, modules):
+    def _select(self, modules: Optional[Globs]) -> Set[str]:
         if modules is None:
             return set(self._paths)
         globs = _globs(modules, _WHO)
@@ -383,8 +442,8 @@ class AttentionRecorder:
             )
         return set(_matching(self._paths, globs))
 
-    def _warn_unseen_modules(self):
-        named = set()  # ids of a TorchScript module's submodules, of configs: named once
+    def _warn_unseen_modules(self) -> None:
+        named: Set[int] = set()  # ids of a TorchScript module's submodules, of configs: named once
         for path, module in self._paths.items():
             if id(module) in named:
                 continue
@@ -405,7 +464,7 @@ class AttentionRecorder:
 
     # -- hooks ------------------------------------------------------------
 
-    def _frames(self):
+    def _frames(self) -> List["_Frame"]:
         state = self._state
         frames = getattr(state, "frames", None)
         if frames is None:
@@ -413,7 +472,7 @@ class AttentionRecorder:
             state.mode = _AttentionMode(self)
         return frames
 
-    def _enter(self, module, args, kwargs):
+    def _enter(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         frames = self._frames()
         state = self._state
         if torch._C._current_autograd_node() is None:
@@ -428,12 +487,12 @@ class AttentionRecorder:
             frame.decorated_start = len(get_local.cache.get(key, ()))
         frames.append(frame)
 
-    def _exit_hook(self, module, args, kwargs, output):
+    def _exit_hook(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> None:
         # torch calls always_call hooks from its `except` clause when the
         # forward raised: then there is an exception being handled.
         self._exit(module, args, kwargs, failed=sys.exc_info()[0] is not None)
 
-    def _exit(self, module, args, kwargs, failed):
+    def _exit(self, module: nn.Module, args: Args, kwargs: Kwargs, failed: bool) -> None:
         frames = self._frames()
         state = self._state
         if not frames or frames[-1].module is not module:
@@ -457,14 +516,19 @@ class AttentionRecorder:
 
     # -- recording --------------------------------------------------------
 
-    def _owner(self, frames):
+    def _owner(self, frames: Sequence["_Frame"]) -> Optional["_Frame"]:
         """The innermost running module that records: its frame, or None."""
         for frame in reversed(frames):
             if frame.path in self._selected and not isinstance(frame.module, nn.Softmax):
                 return frame
         return None
 
-    def _record(self, frames, compute, owned):
+    def _record(
+        self,
+        frames: Sequence["_Frame"],
+        compute: Callable[[str], torch.Tensor],
+        owned: bool,
+    ) -> None:
         """Keep `compute(where)`, a (B, H, Q, K) map, for the module that owns it.
 
         `frames` are the running module calls, innermost last. Nothing is
@@ -483,7 +547,9 @@ class AttentionRecorder:
             weights = compute(f"the attention computed in module {owner.path!r}")
             owner.records.append(snapshot(weights, self._policy, owned=owned))
 
-    def _flush(self, frame):
+    def _flush(self, frame: "_Frame") -> None:
+        if frame.path is None:  # not one of the model's modules: never an owner
+            return
         for entry in frame.records:
             if self.maps._append(frame.path, entry, self._policy.max_entries):
                 self._warn_once(
@@ -493,7 +559,7 @@ class AttentionRecorder:
                     "dropped, counted in maps.dropped",
                 )
 
-    def _softmax(self, args, kwargs, output):
+    def _softmax(self, args: Args, kwargs: Kwargs, output: Any) -> None:
         frames = self._state.frames
         if not frames or not isinstance(output, torch.Tensor):
             return
@@ -514,7 +580,7 @@ class AttentionRecorder:
             owned=self._rows is not None or self._heads is not None,
         )
 
-    def _sdpa(self, args, kwargs):
+    def _sdpa(self, args: Args, kwargs: Kwargs) -> None:
         frames = self._state.frames
         if not frames:
             return
@@ -543,7 +609,7 @@ class AttentionRecorder:
             owned=True,
         )
 
-    def _functional_multi_head(self, args, kwargs):
+    def _functional_multi_head(self, args: Args, kwargs: Kwargs) -> None:
         """F.multi_head_attention_forward called by a model's own code."""
         frames = self._state.frames
         if not frames:
@@ -574,7 +640,9 @@ class AttentionRecorder:
             owned=True,
         )
 
-    def _record_multi_head(self, frames, module, args, kwargs):
+    def _record_multi_head(
+        self, frames: List["_Frame"], module: nn.MultiheadAttention, args: Args, kwargs: Kwargs
+    ) -> None:
         bound = _MULTI_HEAD_SIGNATURE.bind(module, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
@@ -590,7 +658,13 @@ class AttentionRecorder:
             owned=True,
         )
 
-    def _record_encoder_layer(self, frames, layer, args, kwargs):
+    def _record_encoder_layer(
+        self,
+        frames: List["_Frame"],
+        layer: nn.TransformerEncoderLayer,
+        args: Args,
+        kwargs: Kwargs,
+    ) -> None:
         """Its self-attention, from its input: the fast path never calls `self_attn`."""
         bound = _ENCODER_LAYER_SIGNATURE.bind(layer, *args, **kwargs)
         bound.apply_defaults()
@@ -616,7 +690,15 @@ class AttentionRecorder:
         )
         self._flush(attention)
 
-    def _module_weights(self, module, query, key, key_padding_mask, attn_mask, where):
+    def _module_weights(
+        self,
+        module: nn.MultiheadAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor],
+        attn_mask: Optional[torch.Tensor],
+        where: str,
+    ) -> torch.Tensor:
         """The weights of an `nn.MultiheadAttention` call, from its inputs and projections."""
         if module.batch_first and query.dim() == 3:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
@@ -639,14 +721,14 @@ class AttentionRecorder:
             where,
         )
 
-    def _take_decorated(self, frame, key):
+    def _take_decorated(self, frame: "_Frame", key: str) -> None:
         """A get_local-decorated forward that ran no softmax or SDPA: what get_local captured.
 
         Read, not taken, from `get_local.cache` (its entries stay the user's),
         and only while get_local is on: the first captured name of each call,
         when it is a (B, H, Q, K) tensor or array, is that call's map.
         """
-        if not get_local.is_activate:
+        if not get_local.is_active:
             self._warn_once(
                 ("decorated off", key),
                 f"{_WHO}: module {frame.path!r} computed no softmax or SDPA attention; its "
@@ -671,13 +753,13 @@ class AttentionRecorder:
 
     # -- warnings ---------------------------------------------------------
 
-    def _warn_once(self, token, message):
+    def _warn_once(self, token: Tuple[str, Optional[str]], message: str) -> None:
         if token in self._warned:
             return
         self._warned.add(token)
         warn_user(message)
 
-    def _warn_nested(self, path):
+    def _warn_nested(self, path: Optional[str]) -> None:
         self._warn_once(
             ("nested", path),
             f"{_WHO}: module {path!r} ran on nested tensors (nn.TransformerEncoder's fast path "
@@ -685,7 +767,7 @@ class AttentionRecorder:
             "recorded. Build the encoder with enable_nested_tensor=False to capture it",
         )
 
-    def _warn_if_empty(self):
+    def _warn_if_empty(self) -> None:
         if self.maps:
             return
         if self._module_calls == 0:
@@ -720,16 +802,21 @@ class _Frame:
 
     __slots__ = ("module", "path", "records", "suspended", "decorated_start", "saw_attention")
 
-    def __init__(self, module, path):
+    def __init__(self, module: nn.Module, path: Optional[str]) -> None:
         self.module = module
+        # None for a module that is not one of the model's (a copy made while recording)
         self.path = path
-        self.records = []  # entries recorded for this module during this call
+        self.records: List[MapEntry] = []  # entries recorded for this module during this call
         self.suspended = False  # whether this call took the mode off the stack
         self.decorated_start = 0  # get_local entries of its forward before the call
         self.saw_attention = False  # any map computed during this call, for any module
 
 
-def _wrap_forward(module, enter, exit):
+def _wrap_forward(
+    module: nn.Module,
+    enter: Callable[[nn.Module, Args, Kwargs], None],
+    exit: Callable[..., None],
+) -> Callable[[], None]:
     """Call enter/exit around `module`'s forward without a hook; return the undo.
 
     For `nn.TransformerEncoderLayer`, which leaves its fast path when it or a
@@ -739,7 +826,7 @@ def _wrap_forward(module, enter, exit):
     previous = module.__dict__.get("forward")
     original = module.forward
 
-    def forward(*args, **kwargs):
+    def forward(*args: Any, **kwargs: Any) -> Any:
         enter(module, args, kwargs)
         try:
             output = original(*args, **kwargs)
@@ -751,7 +838,7 @@ def _wrap_forward(module, enter, exit):
 
     module.forward = forward
 
-    def undo():
+    def undo() -> None:
         if previous is None:
             del module.forward
         else:
@@ -763,11 +850,17 @@ def _wrap_forward(module, enter, exit):
 class _AttentionMode(TorchFunctionMode):
     """Runs every torch function unchanged; shows attention calls to the recorder after."""
 
-    def __init__(self, recorder):
+    def __init__(self, recorder: AttentionRecorder) -> None:
         super().__init__()
         self._recorder = recorder
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Args = (),
+        kwargs: Optional[Kwargs] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         # The real call first: the model's output is exactly what it computes.
         # Inside this method torch has taken the mode off the stack, so the
@@ -782,7 +875,7 @@ class _AttentionMode(TorchFunctionMode):
         return output
 
 
-def _unwrapped(model):
+def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel, DataParallel and torch.compile wrappers."""
     optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
     while True:
@@ -794,7 +887,7 @@ def _unwrapped(model):
             return model
 
 
-def _compiled_code_runs_eagerly():
+def _compiled_code_runs_eagerly() -> Optional[ContextManager[Any]]:
     """While recording, make torch.compile'd code run eagerly; return the undo, or None.
 
     A compiled graph runs neither the module hooks nor the torch functions
@@ -809,22 +902,22 @@ def _compiled_code_runs_eagerly():
 
 
 def _multi_head_weights(
-    query,
-    key,
-    num_heads,
-    in_proj_weight,
-    in_proj_bias,
-    bias_k,
-    add_zero_attn,
-    key_padding_mask,
-    attn_mask,
-    q_proj_weight,
-    k_proj_weight,
-    static_k,
-    rows,
-    heads,
-    where,
-):
+    query: torch.Tensor,
+    key: torch.Tensor,
+    num_heads: int,
+    in_proj_weight: Optional[torch.Tensor],
+    in_proj_bias: Optional[torch.Tensor],
+    bias_k: Optional[torch.Tensor],
+    add_zero_attn: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    q_proj_weight: Optional[torch.Tensor],
+    k_proj_weight: Optional[torch.Tensor],
+    static_k: Optional[torch.Tensor],
+    rows: CheckedSelection,
+    heads: CheckedSelection,
+    where: str,
+) -> torch.Tensor:
     """The weights `F.multi_head_attention_forward` applies, as (B, H, L', S).
 
     Follows that function: sequence-first (L, B, E) inputs (or unbatched
@@ -842,7 +935,10 @@ def _multi_head_weights(
                 attn_mask = attn_mask.unsqueeze(0)
         length, batch, embed = query.shape
         head_dim = embed // num_heads
+        # The call itself ran first, and torch checked there that the weights
+        # it uses (packed, or separate) are given.
         if q_proj_weight is None:
+            assert in_proj_weight is not None, "packed projections without in_proj_weight"
             q_proj_weight, k_proj_weight, _ = in_proj_weight.chunk(3)
         q_bias, k_bias = (None, None) if in_proj_bias is None else in_proj_bias.chunk(3)[:2]
         q = F.linear(query, q_proj_weight, q_bias)
@@ -850,6 +946,7 @@ def _multi_head_weights(
         if static_k is not None:
             k = static_k.reshape(batch, num_heads, -1, head_dim)
         else:
+            assert k_proj_weight is not None, "separate projections without k_proj_weight"
             k = F.linear(key, k_proj_weight, k_bias)
             if bias_k is not None:
                 k = torch.cat([k, bias_k.expand(1, batch, embed)])
@@ -869,7 +966,7 @@ def _multi_head_weights(
         return sdpa_weights(q, k, mask, rows=rows, heads=heads, where=where, who=_WHO)
 
 
-def _additive(mask, dtype):
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A mask as F.multi_head_attention_forward reads it: bool True = -inf, float added."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
@@ -878,7 +975,13 @@ def _additive(mask, dtype):
     return mask.to(dtype)
 
 
-def _unpack_grouped_query(module, query, key, attn_mask, enable_gqa):
+def _unpack_grouped_query(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    enable_gqa: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
     """Undo transformers' `pack_gqa`: a decoding step's (B, Hkv, n_rep, E) query.
 
     transformers runs a single-token step of a grouped-query model as
@@ -910,7 +1013,7 @@ def _unpack_grouped_query(module, query, key, attn_mask, enable_gqa):
     return query, attn_mask, True
 
 
-def _head_count(module):
+def _head_count(module: nn.Module) -> Optional[int]:
     for name in _HEAD_COUNT_ATTRIBUTES:
         value = getattr(module, name, None)
         if isinstance(value, int) and value > 0:
@@ -918,7 +1021,7 @@ def _head_count(module):
     return None
 
 
-def _unseen_reason(module):
+def _unseen_reason(module: nn.Module) -> Optional[str]:
     """Why the attention of `module` cannot be seen, or None."""
     if isinstance(module, torch.jit.ScriptModule):
         return "is TorchScript, which runs no Python code"
@@ -945,10 +1048,11 @@ def _unseen_reason(module):
     return None
 
 
-def _globs(modules, who):
-    globs = [modules] if isinstance(modules, str) else modules
+def _globs(modules: Globs, who: str) -> List[str]:
+    candidates = [modules] if isinstance(modules, str) else modules
+    globs: Optional[List[str]]
     try:
-        globs = list(globs)
+        globs = list(candidates)
     except TypeError:
         globs = None
     if not globs or not all(isinstance(glob, str) for glob in globs):
@@ -959,11 +1063,11 @@ def _globs(modules, who):
     return globs
 
 
-def _matching(paths, globs):
+def _matching(paths: Iterable[str], globs: Sequence[str]) -> List[str]:
     return [path for path in paths if any(fnmatch.fnmatchcase(path, glob) for glob in globs)]
 
 
-def _describe_value(value):
+def _describe_value(value: object) -> str:
     shape = getattr(value, "shape", None)
     if shape is not None:
         return f"a {type(value).__name__} of shape {tuple(shape)}"

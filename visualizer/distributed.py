@@ -18,14 +18,35 @@ with NCCL, each is staged through GPU memory); capture only what you need
 (`rows=0`, `ranks=`, `max_entries=`) before gathering.
 """
 
+from typing import Any, Dict, List, Optional, Union, overload
+
 import torch
 import torch.distributed as dist
 
 from ._errors import VisualizerError
 from .attention import AttentionMaps
 
+# A rank's cache: `get_local.cache` (key -> list of entries) or `AttentionMaps`.
+Cache = Dict[str, List[Any]]
+# What one rank sends: {"entries": key -> entries, "dropped": key -> count}.
+_Payload = Dict[str, Dict[str, Any]]
 
-def gather(cache, dst=0, group=None):
+
+@overload
+def gather(
+    cache: AttentionMaps, dst: int = 0, group: "Optional[dist.ProcessGroup]" = None
+) -> Optional[Dict[int, AttentionMaps]]: ...
+
+
+@overload
+def gather(
+    cache: Cache, dst: int = 0, group: "Optional[dist.ProcessGroup]" = None
+) -> Optional[Dict[int, Cache]]: ...
+
+
+def gather(
+    cache: Cache, dst: int = 0, group: "Optional[dist.ProcessGroup]" = None
+) -> Union[Optional[Dict[int, AttentionMaps]], Optional[Dict[int, Cache]]]:
     """Every rank's cache, on rank `dst`.
 
     Args:
@@ -41,22 +62,34 @@ def gather(cache, dst=0, group=None):
     world = _world("gather", cache, group)
     payload = _portable(cache)
     if dist.get_rank() == dst:
-        received = [None] * world
+        received: List[Any] = [None] * world
         dist.gather_object(payload, received, dst=dst, group=group)
         return {rank: _restore(part, cache) for rank, part in enumerate(received)}
     dist.gather_object(payload, None, dst=dst, group=group)
     return None
 
 
-def all_gather(cache, group=None):
+@overload
+def all_gather(
+    cache: AttentionMaps, group: "Optional[dist.ProcessGroup]" = None
+) -> Dict[int, AttentionMaps]: ...
+
+
+@overload
+def all_gather(cache: Cache, group: "Optional[dist.ProcessGroup]" = None) -> Dict[int, Cache]: ...
+
+
+def all_gather(
+    cache: Cache, group: "Optional[dist.ProcessGroup]" = None
+) -> Union[Dict[int, AttentionMaps], Dict[int, Cache]]:
     """Every rank's cache, on every rank: a dict rank -> that rank's cache."""
     world = _world("all_gather", cache, group)
-    received = [None] * world
+    received: List[Any] = [None] * world
     dist.all_gather_object(received, _portable(cache), group=group)
     return {rank: _restore(part, cache) for rank, part in enumerate(received)}
 
 
-def _world(who, cache, group):
+def _world(who: str, cache: object, group: "Optional[dist.ProcessGroup]") -> int:
     if not (dist.is_available() and dist.is_initialized()):
         raise VisualizerError(
             f"{who}: torch.distributed is not initialised; expected a process group "
@@ -71,14 +104,14 @@ def _world(who, cache, group):
     return dist.get_world_size(group)
 
 
-def _portable(cache):
+def _portable(cache: Cache) -> _Payload:
     """What one rank sends: plain containers, tensors on the CPU (exact copies)."""
     entries = {key: [_to_cpu(entry) for entry in values] for key, values in cache.items()}
     dropped = dict(getattr(cache, "dropped", {}))
     return {"entries": entries, "dropped": dropped}
 
 
-def _to_cpu(value):
+def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, dict):
@@ -88,7 +121,7 @@ def _to_cpu(value):
     return value
 
 
-def _restore(payload, like):
+def _restore(payload: _Payload, like: Cache) -> Cache:
     """A received cache, as the type the caller passed."""
     if isinstance(like, AttentionMaps):
         maps = AttentionMaps()

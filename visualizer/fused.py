@@ -67,7 +67,26 @@ import operator
 import sys
 import threading
 import warnings
+from types import FrameType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Collection,
+    ContextManager,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    SupportsIndex,
+    Tuple,
+    Union,
+)
 
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -76,9 +95,25 @@ from torch.overrides import TorchFunctionMode
 from ._compat import PY311
 from ._errors import VisualizerError
 from ._modes import remove_mode
-from ._ranks import captures_here, validate_ranks
+from ._ranks import Ranks, captures_here, validate_ranks
 from .cache import StoragePolicy, snapshot
-from .capture import get_local
+from .capture import GetLocal, get_local
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
+# What `rows=` and `heads=` accept: None (all), an int, a slice or a sequence of ints.
+Selection = Optional[Union[SupportsIndex, slice, Iterable[SupportsIndex]]]
+# A selection checked by `validate_selection`: None, the slice, or a tuple of ints.
+CheckedSelection = Optional[Union[slice, Tuple[int, ...]]]
+# What `dtype=` of a storage policy accepts: a name such as "float16", a numpy
+# dtype or a torch dtype (see `StoragePolicy`).
+StorageDType = Union[npt.DTypeLike, torch.dtype]
+# SDPA's arguments as `bind_sdpa_arguments` returns them:
+# (query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa).
+SdpaArguments = Tuple[
+    torch.Tensor, torch.Tensor, Optional[torch.Tensor], float, bool, Optional[float], bool
+]
 
 # Frames of these modules (and their submodules) are skipped when naming the
 # caller: torch's own (Module.__call__, ...), this module, and transformers'
@@ -95,19 +130,21 @@ class SdpaCapture:
     `get_local`'s, so `get_local.cache` holds both kinds of capture.
     """
 
-    def __init__(self, owner):
+    def __init__(self, owner: GetLocal) -> None:
         self._owner = owner
         # torch's mode stack is per thread, so each thread that switches
         # recording on gets its own mode, with its own rows and heads.
         self._threads = threading.local()
-        self._modes = set()  # every mode that is on, in any thread
+        self._modes: Set[_RecordingMode] = set()  # every mode that is on, in any thread
         self._lock = threading.Lock()  # guards _modes
-        self._keys = {}  # (qualified name, module) -> cache key
-        self._warned = set()
+        self._keys: Dict[Tuple[str, str], str] = {}  # (qualified name, module) -> cache key
+        self._warned: Set[Tuple[str, str]] = set()
 
     # -- switching --------------------------------------------------------
 
-    def activate(self, rows=None, heads=None, ranks=None):
+    def activate(
+        self, rows: Selection = None, heads: Selection = None, ranks: Ranks = None
+    ) -> None:
         """Record every SDPA call of this thread from now on, until `deactivate`.
 
         Args:
@@ -141,7 +178,7 @@ class SdpaCapture:
         with self._lock:
             self._modes.add(mode)
 
-    def deactivate(self):
+    def deactivate(self) -> None:
         """Stop recording, in every thread; SDPA calls run exactly as without this library.
 
         Warns if torch functions ran while on but none was
@@ -154,7 +191,7 @@ class SdpaCapture:
             self._retire(mode, stacklevel=3)
         self._switch_off_here(stacklevel=3)
 
-    def _switch_off_here(self, stacklevel):
+    def _switch_off_here(self, stacklevel: int) -> None:
         """Stop recording in this thread only (the end of a capture() block)."""
         mode = getattr(self._threads, "mode", None)
         if mode is None:
@@ -165,12 +202,13 @@ class SdpaCapture:
             self._modes.discard(mode)
         self._retire(mode, stacklevel + 1)
 
-    def _retire(self, mode, stacklevel):
+    def _retire(self, mode: "_RecordingMode", stacklevel: int) -> None:
         """Turn `mode` off (a mode still on another thread's stack passes calls through)."""
         if not mode.on:
             return
         mode.on = False
-        mode.deferring.__exit__(None, None, None)
+        if mode.deferring is not None:
+            mode.deferring.__exit__(None, None, None)
         if mode.torch_calls and not mode.sdpa_calls:
             warnings.warn(
                 f"sdpa_capture: {mode.torch_calls} torch function calls ran while it was on, none "
@@ -184,16 +222,22 @@ class SdpaCapture:
             )
 
     @property
-    def is_active(self):
+    def is_active(self) -> bool:
         """Whether SDPA calls of this thread are being recorded."""
         mode = getattr(self._threads, "mode", None)
         return mode is not None and mode.on
 
     @contextlib.contextmanager
     def capture(
-        self, rows=None, heads=None, keep_on_device=False, dtype=None, max_entries=None,
-        ranks=None,
-    ):
+        self,
+        rows: Selection = None,
+        heads: Selection = None,
+        *,
+        keep_on_device: bool = False,
+        dtype: Optional[StorageDType] = None,
+        max_entries: Optional[int] = None,
+        ranks: Ranks = None,
+    ) -> Iterator[Dict[str, List[Any]]]:
         """Record this thread's SDPA calls inside a `with` block into a fresh cache, then restore.
 
         Yields a new dict that receives this block's captures (SDPA weights and
@@ -214,7 +258,9 @@ class SdpaCapture:
         heads = validate_selection(heads, "heads")
         here = captures_here(validate_ranks(ranks, "sdpa_capture"), "sdpa_capture")
         was_active = self.is_active
-        saved = (self._threads.mode.rows, self._threads.mode.heads) if was_active else None
+        saved: Optional[Tuple[CheckedSelection, CheckedSelection]] = (
+            (self._threads.mode.rows, self._threads.mode.heads) if was_active else None
+        )
         with self._owner.store.scoped(policy) as fresh:
             try:
                 if here:
@@ -224,14 +270,14 @@ class SdpaCapture:
                 yield fresh
             finally:
                 # Exactly this thread's state on entry, whatever the block switched.
-                if was_active:
+                if saved is not None:  # it was active
                     self.activate(*saved)
                 else:
                     # Above _switch_off_here: this generator, contextlib's __exit__, the user.
                     self._switch_off_here(stacklevel=4)
 
     @property
-    def cache(self):
+    def cache(self) -> Dict[str, List[Any]]:
         """The shared cache, the same dict as `get_local.cache`."""
         return self._owner.cache
 
@@ -240,7 +286,9 @@ class SdpaCapture:
     # Under torch.compile the recording runs eagerly, between graphs: Dynamo
     # cannot trace sys._getframe, and the recorded weights are not the graph's.
     @torch.compiler.disable
-    def _record(self, mode, args, kwargs):
+    def _record(
+        self, mode: "_RecordingMode", args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> None:
         query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = bind_sdpa_arguments(
             *args, **kwargs
         )
@@ -278,8 +326,8 @@ class SdpaCapture:
         )
         store.append(caller, snapshot(weights, policy, owned=True))
 
-    def _caller_key(self):
-        frame = sys._getframe(1)
+    def _caller_key(self) -> str:
+        frame: Optional[FrameType] = sys._getframe(1)
         while frame is not None and _is_skipped(frame):
             frame = frame.f_back
         if frame is None:
@@ -292,7 +340,7 @@ class SdpaCapture:
             key = self._keys[name] = self._owner._unique_key(*name)
         return key
 
-    def _warn_unseen_multi_head_attention(self):
+    def _warn_unseen_multi_head_attention(self) -> None:
         caller = self._caller_key()
         self._warn_once(
             caller,
@@ -304,7 +352,7 @@ class SdpaCapture:
             "average_attn_weights=False to get its weights",
         )
 
-    def _warn_once(self, caller, reason, message):
+    def _warn_once(self, caller: str, reason: str, message: str) -> None:
         if (caller, reason) in self._warned:
             return
         self._warned.add((caller, reason))
@@ -312,18 +360,18 @@ class SdpaCapture:
 
 
 def sdpa_weights(
-    query,
-    key,
-    attn_mask=None,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
     *,
-    rows=None,
-    heads=None,
-    where="the scaled_dot_product_attention call",
-    who="sdpa_weights",
-):
+    rows: Selection = None,
+    heads: Selection = None,
+    where: str = "the scaled_dot_product_attention call",
+    who: str = "sdpa_weights",
+) -> torch.Tensor:
     """The attention weights an `F.scaled_dot_product_attention` call applies.
 
     softmax(q·kᵀ·scale + mask) with SDPA's semantics (see the module
@@ -354,14 +402,19 @@ def sdpa_weights(
             f"(B, H, L, E) query, but {where} has a {query.dim()}-D query of shape "
             f"{tuple(query.shape)}"
         )
-    row_positions = _positions(
-        rows, query.shape[-2], "rows", "query rows", where, who, query.device
+    row_positions = (
+        None
+        if rows is None
+        else _positions(rows, query.shape[-2], "rows", "query rows", where, who, query.device)
     )
-    head_positions = _positions(
-        heads, query.shape[-3] if heads is not None else 0, "heads", "query heads", where, who,
-        query.device,
+    head_positions = (
+        None
+        if heads is None
+        else _positions(
+            heads, query.shape[-3], "heads", "query heads", where, who, query.device
+        )
     )
-    causal_offset = 0 if is_causal else None
+    causal_offset: Optional[int] = 0 if is_causal else None
     if isinstance(attn_mask, CausalBias):
         # The bias subclasses stand for a causal mask aligned top-left or
         # bottom-right (the KV-cache convention): query i sees j <= i + offset.
@@ -374,7 +427,14 @@ def sdpa_weights(
         )
 
 
-def select_weights(weights, rows=None, heads=None, *, where="the attention", who="select_weights"):
+def select_weights(
+    weights: torch.Tensor,
+    rows: Selection = None,
+    heads: Selection = None,
+    *,
+    where: str = "the attention",
+    who: str = "select_weights",
+) -> torch.Tensor:
     """The selected query rows and heads of computed weights (..., H, Q, K).
 
     The same selection `sdpa_weights` makes before computing, applied to
@@ -403,11 +463,14 @@ def select_weights(weights, rows=None, heads=None, *, where="the attention", who
 class _RecordingMode(TorchFunctionMode):
     """Runs every torch function as is; hands SDPA calls to the capture after."""
 
-    def __init__(self, capture, rows, heads):
+    def __init__(
+        self, capture: SdpaCapture, rows: CheckedSelection, heads: CheckedSelection
+    ) -> None:
         super().__init__()
         self._capture = capture
         self.rows, self.heads = rows, heads
-        self.deferring = None  # get_local.deferring_to_fused(), entered while on
+        # get_local.deferring_to_fused(), entered while on
+        self.deferring: Optional[ContextManager[None]] = None
         # False once switched off; a mode left on another thread's stack then
         # passes every call through untouched.
         self.on = True
@@ -415,7 +478,13 @@ class _RecordingMode(TorchFunctionMode):
         self.torch_calls = 0
         self.sdpa_calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
         kwargs = kwargs or {}
         self.torch_calls += 1
         # The real call first, with the original arguments: the output is the
@@ -434,13 +503,29 @@ class _RecordingMode(TorchFunctionMode):
 
 
 def bind_sdpa_arguments(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-):
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> SdpaArguments:
     """Bind a call's arguments by SDPA's own signature."""
     return query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
-def _attention_weights(query, key, attn_mask, causal_offset, scale, enable_gqa, rows, heads):
+def _attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    causal_offset: Optional[int],
+    scale: Optional[float],
+    enable_gqa: bool,
+    rows: Optional[torch.Tensor],
+    heads: Optional[torch.Tensor],
+) -> torch.Tensor:
     """softmax(q·kᵀ·scale + mask) for the selected query rows and heads.
 
     Args:
@@ -492,17 +577,19 @@ def _attention_weights(query, key, attn_mask, causal_offset, scale, enable_gqa, 
     return weights.to(query.dtype)
 
 
-def _with_ndim(tensor, ndim):
+def _with_ndim(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
     """`tensor` viewed with leading singleton axes up to `ndim` axes (broadcasting)."""
     return tensor.reshape((1,) * (ndim - tensor.dim()) + tuple(tensor.shape))
 
 
-def _select_broadcast(tensor, dim, index):
+def _select_broadcast(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """index_select on `dim`, unless that axis has size 1 and broadcasts."""
     return tensor if tensor.shape[dim] == 1 else tensor.index_select(dim, index)
 
 
-def validate_selection(selection, argument, who="sdpa_capture"):
+def validate_selection(
+    selection: Selection, argument: str, who: str = "sdpa_capture"
+) -> CheckedSelection:
     """`rows=`/`heads=` as given (None, an int, a slice or a sequence of ints), checked.
 
     Returns None, the slice, or a tuple of ints; raises VisualizerError naming
@@ -525,22 +612,30 @@ def validate_selection(selection, argument, who="sdpa_capture"):
     return indices
 
 
-def _is_sequence(value):
+def _is_sequence(value: object) -> "TypeGuard[Iterable[Any]]":
     if isinstance(value, (str, bytes)) or getattr(value, "ndim", None) == 0:
         return False
     return hasattr(value, "__iter__")
 
 
-def _index(item):
+def _index(item: Any) -> int:
+    """`item` as an index; TypeError for anything that is not one, bools included."""
     if isinstance(item, bool) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
         raise TypeError("a bool is not an index")
     return operator.index(item)
 
 
-def _positions(selection, size, argument, axis, where, who, device):
+def _positions(
+    selection: Union[slice, Tuple[int, ...]],
+    size: int,
+    argument: str,
+    axis: str,
+    where: str,
+    who: str,
+    device: torch.device,
+) -> torch.Tensor:
     """The selected indices for an axis of `size`, as an int64 tensor on `device`."""
-    if selection is None:
-        return None
+    positions: Sequence[int]
     if isinstance(selection, slice):
         positions = range(size)[selection]
         if not positions:
@@ -560,13 +655,13 @@ def _positions(selection, size, argument, axis, where, who, device):
     return torch.tensor(positions, dtype=torch.long, device=device)
 
 
-def _describe(selection):
+def _describe(selection: Union[slice, Tuple[int, ...]]) -> str:
     if isinstance(selection, tuple) and len(selection) == 1:
         return repr(selection[0])
     return repr(list(selection) if isinstance(selection, tuple) else selection)
 
 
-def _is_skipped(frame):
+def _is_skipped(frame: FrameType) -> bool:
     if frame.f_code.co_name == "__torch_function__":
         # Another mode or a tensor subclass passing the call on.
         return True
@@ -574,10 +669,11 @@ def _is_skipped(frame):
     return any(module == name or module.startswith(name + ".") for name in _SKIPPED_MODULES)
 
 
-def _qualified_name(frame):
+def _qualified_name(frame: FrameType) -> str:
     code = frame.f_code
     if PY311:
-        return code.co_qualname
+        # co_qualname is new in 3.11; mypy cannot see the PY311 guard.
+        return code.co_qualname  # type: ignore[attr-defined,unused-ignore]
     owner = frame.f_locals.get("self")
     if owner is not None:
         return f"{type(owner).__qualname__}.{code.co_name}"
