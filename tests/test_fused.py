@@ -383,9 +383,11 @@ def test_multihead_attention_without_weights_is_not_seen_and_says_so():
         return attention(x, x, x, need_weights=False)[0]
 
     warning = "self_attention_block ran nn.MultiheadAttention"
-    with sdpa_capture.capture() as cache, pytest.warns(RuntimeWarning, match=warning):
+    with sdpa_capture.capture() as cache, pytest.warns(RuntimeWarning, match=warning) as caught:
         self_attention_block(x)
     assert cache == {}
+    # It points at the user's code, not at visualizer/fused.py or torch.
+    assert [w.filename for w in caught if warning in str(w.message)] == [__file__]
 
 
 # -- Hugging Face transformers ----------------------------------------------

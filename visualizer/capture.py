@@ -177,22 +177,27 @@ class GetLocal:
                 key = previous.key
                 target.__code__ = previous.current_code()
             else:
-                key = self._unique_key(qualname, target.__module__)
+                key = self.key_for(qualname, target.__module__)
             registration = _Registration(target, key, names, select)
             self._registrations[target] = registration
             if self._active:
                 self._install(registration)
 
-    def _unique_key(self, qualname, module):
+    def key_for(self, qualname: str, module: str) -> str:
+        """The cache key of a function with this qualified name in this module.
+
+        The qualified name, unless a function of another module took it first:
+        then `module.qualname`, with a warning. Fused capture names the callers
+        of scaled_dot_product_attention with it, so their maps share keys with
+        decorated functions.
+        """
         owner = self._key_modules.setdefault(qualname, module)
         if owner == module:
             return qualname
         key = f"{module}.{qualname}"
-        warnings.warn(
+        warn_user(
             f"get_local: {qualname!r} in module {module!r} has the same qualified name as a "
-            f"captured function in module {owner!r}; its captures go under {key!r}",
-            RuntimeWarning,
-            stacklevel=4,
+            f"captured function in module {owner!r}; its captures go under {key!r}"
         )
         return key
 

@@ -96,6 +96,7 @@ from ._compat import PY311
 from ._errors import VisualizerError
 from ._modes import remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
+from ._warnings import warn_user
 from .cache import StoragePolicy, snapshot
 from .capture import GetLocal, get_local
 
@@ -337,7 +338,7 @@ class SdpaCapture:
         if key is None:
             # get_local's naming: a qualified name taken by a function of
             # another module gets a module-qualified key, with a warning.
-            key = self._keys[name] = self._owner._unique_key(*name)
+            key = self._keys[name] = self._owner.key_for(*name)
         return key
 
     def _warn_unseen_multi_head_attention(self) -> None:
@@ -356,7 +357,7 @@ class SdpaCapture:
         if (caller, reason) in self._warned:
             return
         self._warned.add((caller, reason))
-        warnings.warn(message + " (warned once per function)", RuntimeWarning, stacklevel=2)
+        warn_user(message + " (warned once per function)")
 
 
 def sdpa_weights(
