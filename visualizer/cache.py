@@ -234,10 +234,89 @@ def _snapshot_tensor(torch: Any, tensor: Any, policy: StoragePolicy, owned: bool
         return tensor.clone() if policy.detach and not owned else tensor
     if dtype is None and tensor.dtype == torch.bfloat16:
         dtype = torch.float32
+    if not owned:
+        buffer = BUFFERS.take(torch, tensor, dtype)
+        if buffer is not None:
+            torch.from_numpy(buffer).copy_(tensor.detach())
+            return buffer
     # Positional arguments: Tensor.to parses keywords measurably slower.
     if dtype is None:
         return tensor.to("cpu", copy=not owned).numpy()
     return tensor.to("cpu", dtype, copy=not owned).numpy()
+
+
+class BufferPool:
+    """Arrays of cleared cache entries, reused as destinations of the next copies.
+
+    Why: a large array allocated fresh has its pages faulted in by the copy
+    that first writes it, which costs many times the copy itself (for the
+    12 maps of a 518 px ViT-S forward, 516 MiB, about 25x; see benchmarks/).
+    In a capture/look/clear loop the next forward copies maps of the same
+    shapes, so clear() hands its arrays here and copies go to warm memory.
+
+    Only arrays nothing else references are taken back (a user's reference,
+    a view of it or a tensor sharing its memory keeps it out: checked with
+    the reference count when the cache is cleared), so an entry a user holds
+    is never written. Each clear() first lets go of the buffers the previous
+    one gave and no copy used, and deactivating capture lets go of all: the
+    pool never holds more than one clear's worth of arrays.
+    """
+
+    # Smaller arrays come from warm allocator memory anyway.
+    MIN_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._free: Dict[Tuple[Tuple[int, ...], np.dtype], List[np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._numpy_dtypes: Dict[Any, np.dtype] = {}
+
+    def take(self, torch: Any, tensor: Any, dtype: Any) -> Optional[np.ndarray]:
+        """A free array for a copy of `tensor` as `dtype` (None: its own), or None."""
+        if not self._free:
+            return None
+        torch_dtype = dtype if dtype is not None else tensor.dtype
+        numpy_dtype = self._numpy_dtypes.get(torch_dtype)
+        if numpy_dtype is None:
+            numpy_dtype = torch.empty((), dtype=torch_dtype).numpy().dtype
+            self._numpy_dtypes[torch_dtype] = numpy_dtype
+        with self._lock:
+            free = self._free.get((tuple(tensor.shape), numpy_dtype))
+            return free.pop() if free else None
+
+    def give_back(self, entries_lists: Iterable[Iterable[Any]]) -> None:
+        """Take the unreferenced arrays of these entry lists, which the caller is dropping."""
+        taken: Dict[Tuple[Tuple[int, ...], np.dtype], List[np.ndarray]] = {}
+        for entries in entries_lists:
+            for entry in entries:
+                if type(entry) is np.ndarray:
+                    # References: the list's, `entry`'s and getrefcount's own.
+                    others = sys.getrefcount(entry) - 3
+                    self._keep(entry, others, taken)
+                elif type(entry) is dict:  # several names: the dict's, `value`'s, getrefcount's
+                    for value in entry.values():
+                        if type(value) is np.ndarray:
+                            others = sys.getrefcount(value) - 3
+                            self._keep(value, others, taken)
+        with self._lock:
+            self._free = taken  # the previous clear's leftovers go
+
+    def _keep(self, array: np.ndarray, other_references: int, taken: Dict[Any, Any]) -> None:
+        if (
+            other_references == 0
+            and array.nbytes >= self.MIN_BYTES
+            and array.flags.c_contiguous
+            and array.flags.writeable
+        ):
+            taken.setdefault((array.shape, array.dtype), []).append(array)
+
+    def release(self) -> None:
+        """Let go of every free array."""
+        with self._lock:
+            self._free = {}
+
+
+# One pool per process: copies of any store go to it, any store's clear() fills it.
+BUFFERS = BufferPool()
 
 
 class CaptureCache(dict):
@@ -372,10 +451,12 @@ class Scope:
                     counts[key] = counts.get(key, 0) + count
         return counts
 
-    def clear(self):
+    def clear(self) -> None:
+        dropped = list(self.cache.values())
         for key in self.cache:
             self.cache[key] = self.new_entries()
         self._dropped_earlier.clear()
+        BUFFERS.give_back(dropped)
 
     def __reduce__(self):
         # Pickled along with a recorder: in the receiving process, captures go

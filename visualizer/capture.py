@@ -44,6 +44,7 @@ from ._rewrite import instrument, local_names
 from ._warnings import warn_user
 from ._ranks import Ranks
 from .cache import (
+    BUFFERS,
     IMMUTABLE_TYPES,
     BoundedEntries,
     Cache,
@@ -247,6 +248,7 @@ class GetLocal:
                 registration.installed_code = None
                 registration.target.__dict__.pop("_torchdynamo_disable", None)
         if was_active:
+            BUFFERS.release()  # no copies follow: give the pooled arrays back
             self._forget_compiled_code()
 
     def _forget_compiled_code(self):
