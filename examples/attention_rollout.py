@@ -91,7 +91,7 @@ def main(argv=None):
     for row, (kind, rollout) in enumerate(results.items()):
         for index, ax in enumerate(axes[row]):
             verdict = "" if predicted[index] == batch.labels[index] else " (wrong)"
-            plot.plot_rollout(
+            plot.rollout(
                 rollout,
                 batch.images,
                 grid_size=models["trained"].grid_size,

@@ -223,7 +223,7 @@ def main(argv=None):
 
     path = args.out / "cross_attention.png"
     index = args.image
-    fig = plot.plot_cross_attention(
+    fig = plot.cross_attention(
         after["cross"][index : index + 1],
         list(range(NUM_OBJECTS)),
         scenes.images[index],

@@ -94,7 +94,7 @@ def report(everything, shares, images, step_maps, out):
         print(f"rank {rank}: {len(maps)} modules {list(maps)}; {shares[rank]}")
     last = everything[1]
     last_key = list(last)[-1]
-    figure = plot.plot_cls_attention(
+    figure = plot.cls_attention(
         last[last_key][0], images[1], grid_size=(8, 8), layer=len(last) - 1
     )
     figure.savefig(out / "rank1_cls_attention.png", dpi=DPI)

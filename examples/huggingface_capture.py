@@ -141,7 +141,7 @@ def main(argv=None):
 
     index, last = args.image, len(fused_maps) - 1
     figures = {
-        "hf_cls_attention_sdpa": plot.plot_cls_attention(
+        "hf_cls_attention_sdpa": plot.cls_attention(
             fused_maps[last],
             images,
             grid_size=GRID,
@@ -152,7 +152,7 @@ def main(argv=None):
             mean=MEAN,
             std=STD,
         ),
-        "hf_heads_eager": plot.plot_heads(eager_maps[last], batch_index=index, layer=last, ncols=5),
+        "hf_heads_eager": plot.heads(eager_maps[last], batch_index=index, layer=last, ncols=5),
     }
     paths = []
     for name, figure in figures.items():

@@ -1,6 +1,7 @@
 """Regenerate the README gallery: examples/gallery/*.png and its README section.
 
     python examples/make_gallery.py         # ~1 minute on two CPU cores
+    python examples/make_gallery.py --readme /tmp/README.md   # rewrite another copy's section
 
 Runs every example with its default settings (the mean-attention-distance and
 rollout examples on the walkthrough's checkpoint), copies the figures worth
@@ -8,6 +9,7 @@ showing into examples/gallery/ and rewrites the README's gallery section (betwee
 its gallery markers) with the measures the run printed: the captions cannot
 drift from the pictures.
 """
+import argparse
 import shutil
 import sys
 import tempfile
@@ -20,6 +22,7 @@ from examples import (  # noqa: E402
     detr_cross_attention,
     huggingface_capture,
     mean_attention_distance,
+    token_attention,
     vit_walkthrough,
 )
 
@@ -44,6 +47,7 @@ def run_examples(work):
         ),
         "detr": detr_cross_attention.main(["--out", str(work / "detr")]),
         "huggingface": huggingface_capture.main(["--out", str(work / "hf")]),
+        "tokens": token_attention.main(["--out", str(work / "tokens")]),
     }
 
 
@@ -58,6 +62,7 @@ def entries(results):
     rollout, rollout_uniform = results["rollout"]["shares"], results["rollout"]["uniform"]
     detr_before, detr_after = results["detr"]["before"], results["detr"]["after"]
     hf = results["huggingface"]
+    tokens = results["tokens"]
     return [
         (
             "cls_attention_random.png",
@@ -128,6 +133,24 @@ def entries(results):
                 f"{hf['before'].on_object:.0%})."
             ),
         ),
+        (
+            "token_attention.png",
+            figure["token_attention.png"],
+            (
+                f"A one-block transformer learns to reverse its input: `plot.tokens` of its best "
+                f"head, {tokens['before'].on_rule.max():.0%} of attention on the anti-diagonal "
+                f"with random weights (uniform {tokens['uniform']:.1%}), "
+                f"{tokens['after'].on_rule.max():.0%} after training."
+            ),
+        ),
+        (
+            "head_view.png",
+            figure["head_view.png"],
+            (
+                "The same sequence in `plot.head_view` (BertViz's lines, opacity = weight): "
+                "every query token reads the key at the mirrored position."
+            ),
+        ),
     ]
 
 
@@ -137,6 +160,7 @@ def measures(results):
     distance = results["distance"]
     detr = results["detr"]
     hf = results["huggingface"]
+    tokens = results["tokens"]
     walkthrough = " -> ".join(
         f"{share.on_object:.1%} (step {step})" for step, share in sorted(shares.items())
     )
@@ -161,6 +185,14 @@ def measures(results):
             f"{hf['eager_difference']:.1e} (eager, instrumented in place) and "
             f"{hf['fused_difference']:.1e} (sdpa, capture_attention)."
         ),
+        (
+            "- Sequence reversal: attention on the anti-diagonal per head "
+            + ", ".join(f"{share:.1%}" for share in tokens["before"].on_rule)
+            + " -> "
+            + ", ".join(f"{share:.1%}" for share in tokens["after"].on_rule)
+            + f" (uniform {tokens['uniform']:.1%}); reversal accuracy "
+            f"{tokens['before'].accuracy:.0%} -> {tokens['after'].accuracy:.0%}."
+        ),
     ]
 
 
@@ -181,7 +213,12 @@ def markdown(items, results):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--readme", type=Path, default=README, help="markdown file whose gallery section to rewrite"
+    )
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         results = run_examples(Path(work))
         items = entries(results)
@@ -190,18 +227,21 @@ def main():
         GALLERY.mkdir(parents=True)
         for name, source, _ in items:
             shutil.copyfile(source, GALLERY / name)
-    write_readme_section(markdown(items, results))
+    write_readme_section(markdown(items, results), args.readme)
     size = sum(path.stat().st_size for path in GALLERY.iterdir())
-    print(f"wrote {len(items)} pictures to {GALLERY} ({size / 1e3:.0f} kB) and README's gallery")
+    print(
+        f"wrote {len(items)} pictures to {GALLERY} ({size / 1e3:.0f} kB) and the gallery "
+        f"section of {args.readme}"
+    )
 
 
-def write_readme_section(section):
-    text = README.read_text()
+def write_readme_section(section, readme):
+    text = readme.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"make_gallery: {README} lacks the markers {START} ... {END}")
+        raise SystemExit(f"make_gallery: {readme} lacks the markers {START} ... {END}")
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    README.write_text(f"{before}{START}\n{section}{END}{after}")
+    readme.write_text(f"{before}{START}\n{section}{END}{after}")
 
 
 if __name__ == "__main__":

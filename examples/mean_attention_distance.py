@@ -91,7 +91,7 @@ def main(argv=None):
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (name, values) in zip(axes, results.items()):
-        plot.plot_mean_attention_distance(values, ax=ax, title=f"{name} weights")
+        plot.mean_attention_distance(values, ax=ax, title=f"{name} weights")
         for (label, distance), style in zip(reference.items(), ["--", ":", "-."]):
             ax.axhline(distance, color="gray", linestyle=style, linewidth=1)
             ax.text(len(values) - 1, distance, label, ha="right", va="bottom", fontsize="small")

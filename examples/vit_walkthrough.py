@@ -41,6 +41,7 @@ from examples.train import (  # noqa: E402
     train_vit,
 )
 from visualizer import get_local, plot  # noqa: E402
+from visualizer.analysis import ImageGeometry  # noqa: E402
 
 DPI = 90
 
@@ -57,22 +58,23 @@ def draw(model, batch, index, out, stage):
     get_local.deactivate()
 
     last = len(maps) - 1
-    grid, prefix = model.grid_size, model.num_prefix_tokens
+    # Grid, prefix tokens (CLS) and patch size read off the model, given once;
+    # mean/std undo the input's normalization to draw the image it saw.
+    geometry = ImageGeometry.from_model(model, mean=MEAN, std=STD)
     # The query patch: the one under the object's centre, so its row shows
     # where an object patch looks.
     x0, y0, x1, y1 = batch.boxes[index]
     query = (int((y0 + y1) / 2) // model.patch_size, int((x0 + x1) / 2) // model.patch_size)
-    shown = dict(grid_size=grid, num_prefix_tokens=prefix, mean=MEAN, std=STD)
     figures = {
-        "head": plot.plot_head(maps[last], head=0, layer=last),
-        "heads_first_layer": plot.plot_heads(maps[0], layer=0, ncols=5),
-        "heads_last_layer": plot.plot_heads(maps[last], layer=last, ncols=5),
-        "query": plot.plot_query_attention(maps[last], query, image, layer=last, **shown),
-        "query_with_cls": plot.plot_query_attention(
-            maps[last], query, image, layer=last, show_cls=True, **shown
+        "head": plot.head(maps[last], head=0, layer=last),
+        "heads_first_layer": plot.heads(maps[0], layer=0, ncols=5),
+        "heads_last_layer": plot.heads(maps[last], layer=last, ncols=5),
+        "query": plot.query(maps[last], query, image, layer=last, geometry=geometry),
+        "query_with_cls": plot.query(
+            maps[last], query, image, layer=last, show_cls=True, geometry=geometry
         ),
-        "cls_attention": plot.plot_cls_attention(
-            maps[last], image, layer=last, threshold=0.6, ncols=5, **shown
+        "cls_attention": plot.cls_attention(
+            maps[last], image, layer=last, threshold=0.6, ncols=5, geometry=geometry
         ),
     }
     paths = []

@@ -547,3 +547,318 @@ def test_cross_attention_scores_are_refused():
     with pytest.raises(VisualizerError, match="attention_mass_in_boxes: cross_attn has a value"):
         analysis.attention_mass_in_boxes(pre_softmax_scores((1, 2, 3, 4)), [[0, 0, 1, 1]] * 3,
                                          image_size=(4, 4), grid_size=(2, 2))
+
+
+# ------------------------------------------------------------------ geometry
+
+
+def test_geometry_normalizes_and_derives_sizes():
+    geometry = analysis.ImageGeometry(4, num_prefix_tokens=5, patch_size=14, mean=[0.5], std=[0.25])
+    assert geometry.grid_size == (4, 4) and geometry.patch_size == (14, 14)
+    assert geometry.num_patches == 16 and geometry.num_tokens == 21
+    assert geometry.image_size == (56, 56)
+    assert geometry.mean == (0.5,) and geometry.std == (0.25,)
+    # Frozen and hashable: a value, safe to share between calls.
+    assert hash(geometry) == hash(analysis.ImageGeometry((4, 4), 5, (14, 14), (0.5,), (0.25,)))
+    with pytest.raises(AttributeError):
+        geometry.num_prefix_tokens = 1
+    unknown = analysis.ImageGeometry()
+    assert (unknown.grid_size, unknown.num_prefix_tokens, unknown.image_size) == (None, 1, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"grid_size": (2, 2.5)}, "ImageGeometry: grid_size must be (h, w), an int or None"),
+        ({"grid_size": (0, 3)}, "ImageGeometry: grid_size must be positive; got (0, 3)"),
+        ({"num_prefix_tokens": -1}, "ImageGeometry: num_prefix_tokens must be an int >= 0"),
+        ({"patch_size": 0}, "ImageGeometry: patch_size must be positive"),
+        ({"std": [0.2, 0.0, 0.2]}, "ImageGeometry: std must hold one positive number per channel"),
+    ],
+)
+def test_geometry_errors(kwargs, message):
+    with pytest.raises(VisualizerError) as raised:
+        analysis.ImageGeometry(**kwargs)
+    assert message in str(raised.value)
+
+
+def test_geometry_from_the_example_vit():
+    torch = pytest.importorskip("torch")
+    from examples.toy_vit import VisionTransformer
+
+    model = VisionTransformer(img_size=(32, 48), patch_size=8, depth=1, num_registers=2)
+    geometry = analysis.ImageGeometry.from_model(model)
+    # By hand: 32/8 x 48/8 patches, CLS + 2 registers.
+    assert (geometry.grid_size, geometry.num_prefix_tokens, geometry.patch_size) == (
+        (4, 6),
+        3,
+        (8, 8),
+    )
+    # The oracle: the map the model computes has that many tokens.
+    with torch.no_grad():
+        tokens = model.patch_embed(torch.zeros(1, 3, 32, 48)).flatten(2).shape[-1]
+    assert geometry.num_tokens == tokens + 3
+
+
+def timm_like(**attributes):
+    """A stand-in with timm VisionTransformer's attribute names (timm itself is not installed)."""
+    from types import SimpleNamespace
+
+    defaults = dict(
+        patch_embed=SimpleNamespace(grid_size=(14, 14), patch_size=(16, 16), img_size=(224, 224)),
+        cls_token=np.zeros((1, 1, 8)),
+        reg_token=None,
+        pretrained_cfg={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    )
+    return SimpleNamespace(**{**defaults, **attributes})
+
+
+@pytest.mark.parametrize(
+    "attributes, grid, prefix",
+    [
+        ({}, (14, 14), 1),
+        ({"reg_token": np.zeros((1, 4, 8))}, (14, 14), 5),  # registers, counted
+        ({"cls_token": None}, (14, 14), 0),  # global pooling, no class token
+        ({"num_prefix_tokens": 2, "dist_token": np.zeros((1, 1, 8))}, (14, 14), 2),  # declared
+        ({"dist_token": np.zeros((1, 1, 8))}, (14, 14), 2),  # DeiT: CLS + distillation
+    ],
+)
+def test_geometry_from_a_timm_like_model(attributes, grid, prefix):
+    geometry = analysis.ImageGeometry.from_model(timm_like(**attributes))
+    assert (geometry.grid_size, geometry.num_prefix_tokens, geometry.patch_size) == (
+        grid,
+        prefix,
+        (16, 16),
+    )
+    assert geometry.mean == geometry.std == (0.5, 0.5, 0.5)
+
+
+def test_geometry_from_a_model_run_at_another_size():
+    geometry = analysis.ImageGeometry.from_model(timm_like(), image_size=(320, 160))
+    assert geometry.grid_size == (20, 10) and geometry.image_size == (320, 160)
+
+
+def test_geometry_from_model_says_what_it_looked_for():
+    from types import SimpleNamespace
+
+    with pytest.raises(VisualizerError) as raised:
+        analysis.ImageGeometry.from_model(SimpleNamespace(weight=1))
+    message = str(raised.value)
+    assert message.startswith("ImageGeometry.from_model: cannot infer the patch grid of")
+    for looked_for in ("model.config", "patch_embed.grid_size", "img_size", "patch_size"):
+        assert looked_for in message
+    no_prefix = SimpleNamespace(grid_size=(2, 2), patch_size=4)
+    with pytest.raises(VisualizerError, match="looked for num_prefix_tokens, cls_token"):
+        analysis.ImageGeometry.from_model(no_prefix)
+    assert analysis.ImageGeometry.from_model(no_prefix, num_prefix_tokens=0).num_tokens == 4
+
+
+HF_CASES = {
+    # name: (config factory, model class, (grid, prefix, patch)) written out by hand
+    "vit": ("ViTConfig", "ViTModel", ((4, 4), 1, (8, 8))),
+    "deit": ("DeiTConfig", "DeiTModel", ((4, 4), 2, (8, 8))),
+    "dinov2_registers": (
+        "Dinov2WithRegistersConfig",
+        "Dinov2WithRegistersModel",
+        ((4, 4), 5, (8, 8)),
+    ),
+}
+
+
+def small_config(transformers, name, **extra):
+    config = getattr(transformers, name)(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        **extra,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_geometry_from_hugging_face_models_matches_their_maps(case):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config_name, model_name, expected = HF_CASES[case]
+    extra = {"num_register_tokens": 4} if case == "dinov2_registers" else {}
+    model = getattr(transformers, model_name)(small_config(transformers, config_name, **extra))
+    geometry = analysis.ImageGeometry.from_model(model.eval())
+    assert (geometry.grid_size, geometry.num_prefix_tokens, geometry.patch_size) == expected
+    # The oracle: transformers' own attention map has num_tokens rows.
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.zeros(1, 3, 32, 32), output_attentions=True)
+    assert outputs.attentions[0].shape[-1] == geometry.num_tokens
+    assert analysis.cls_attention(outputs.attentions[0], geometry=geometry).shape == (
+        1,
+        2,
+        *expected[0],
+    )
+
+
+def test_geometry_from_hugging_face_configs():
+    transformers = pytest.importorskip("transformers")
+    clip = transformers.CLIPConfig(
+        vision_config=dict(image_size=64, patch_size=16), text_config=dict()
+    )
+    assert analysis.ImageGeometry.from_config(clip).num_tokens == 1 + 16  # via vision_config
+    siglip = transformers.SiglipVisionConfig(image_size=64, patch_size=16)
+    assert analysis.ImageGeometry.from_config(siglip).num_prefix_tokens == 0
+    dinov2 = transformers.Dinov2Config(patch_size=14)  # built for 518, often run at 224
+    assert analysis.ImageGeometry.from_config(dinov2, image_size=224).grid_size == (16, 16)
+    with pytest.raises(VisualizerError) as raised:
+        analysis.ImageGeometry.from_config(transformers.BertConfig())
+    assert "looked for config.image_size and config.patch_size" in str(raised.value)
+    assert "'bert'" in str(raised.value)
+    swin = transformers.SwinConfig(image_size=32, patch_size=4)
+    with pytest.raises(VisualizerError, match="model_type 'swin'.*pass num_prefix_tokens="):
+        analysis.ImageGeometry.from_config(swin)
+    assert analysis.ImageGeometry.from_config(swin, num_prefix_tokens=0).grid_size == (8, 8)
+
+
+def test_geometry_and_explicit_arguments_are_two_spellings_of_one_call():
+    geometry = analysis.ImageGeometry((2, 3), num_prefix_tokens=5, patch_size=(16, 8))
+    explicit = dict(grid_size=(2, 3), num_prefix_tokens=5)
+    attn = random_maps((2, 4, 11, 11))
+    np.testing.assert_array_equal(
+        analysis.cls_attention(attn, geometry=geometry), analysis.cls_attention(attn, **explicit)
+    )
+    np.testing.assert_array_equal(
+        analysis.mean_attention_distance([attn], geometry=geometry),
+        analysis.mean_attention_distance([attn], patch_size=(16, 8), **explicit),
+    )
+    rollout = analysis.attention_rollout([attn])
+    np.testing.assert_array_equal(
+        analysis.rollout_cls_attention(rollout, geometry=geometry),
+        analysis.rollout_cls_attention(rollout, **explicit),
+    )
+    spiked = attn * 0.5
+    spiked[..., 7] += 0.5
+    found = analysis.find_artifact_tokens(spiked, geometry=geometry)
+    assert [list(tokens) for tokens in found] == [[7], [7]]
+    # Explicit values that agree with the geometry, or fill what it leaves None, are fine.
+    analysis.cls_attention(attn, grid_size=(2, 3), geometry=geometry)
+    filled = analysis.mean_attention_distance(
+        attn, patch_size=(16, 8), geometry=analysis.ImageGeometry((2, 3), 5)
+    )
+    np.testing.assert_array_equal(
+        filled, analysis.mean_attention_distance(attn, patch_size=(16, 8), **explicit)
+    )
+
+
+def test_geometry_patch_size_reaches_mean_attention_distance_by_hand():
+    # The 1x2 hand case above: the neighbour is one 8 px wide patch away, for half the queries.
+    attn = np.array([[[0.0, 1.0], [0.0, 1.0]]])
+    geometry = analysis.ImageGeometry((1, 2), num_prefix_tokens=0, patch_size=(16, 8))
+    assert analysis.mean_attention_distance(attn, geometry=geometry)[0] == 4.0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda geometry: analysis.cls_attention(
+                random_maps((2, 11, 11)), num_prefix_tokens=1, geometry=geometry
+            ),
+            "cls_attention: num_prefix_tokens=1 conflicts with geometry.num_prefix_tokens=5; "
+            "pass one of them",
+        ),
+        (
+            lambda geometry: analysis.mean_attention_distance(
+                random_maps((2, 11, 11)), patch_size=16, geometry=geometry
+            ),
+            "mean_attention_distance: patch_size=(16, 16) conflicts with "
+            "geometry.patch_size=(16, 8)",
+        ),
+        (
+            lambda geometry: analysis.rollout_cls_attention(
+                np.eye(11), grid_size=3, geometry=geometry
+            ),
+            "rollout_cls_attention: grid_size=(3, 3) conflicts with geometry.grid_size=(2, 3)",
+        ),
+        (
+            lambda geometry: analysis.cls_attention(random_maps((2, 11, 11)), geometry=(2, 3)),
+            "cls_attention: geometry must be an ImageGeometry or None; got tuple",
+        ),
+    ],
+)
+def test_geometry_conflicting_with_an_explicit_argument_is_an_error(call, message):
+    geometry = analysis.ImageGeometry((2, 3), num_prefix_tokens=5, patch_size=(16, 8))
+    with pytest.raises(VisualizerError) as raised:
+        call(geometry)
+    assert message in str(raised.value)
+
+
+def test_mass_in_boxes_takes_grid_and_image_size_from_the_geometry():
+    cross = np.zeros((1, 1, 8))
+    cross[0, 0, [0, 1]] = 0.5
+    boxes = np.array([[0, 0, 10, 10]])
+    features = analysis.ImageGeometry((2, 4), num_prefix_tokens=0, patch_size=10)
+    np.testing.assert_allclose(
+        analysis.attention_mass_in_boxes(cross, boxes, geometry=features), [[0.5]]
+    )
+    with pytest.raises(VisualizerError, match="feature-map cells only, with no prefix tokens"):
+        analysis.attention_mass_in_boxes(cross, boxes, geometry=analysis.ImageGeometry((2, 4)))
+    with pytest.raises(VisualizerError, match="image_size is required unless geometry has"):
+        analysis.attention_mass_in_boxes(cross, boxes, grid_size=(2, 4))
+
+
+# ------------------------------------------------------ calls are not layers
+
+STACK_FUNCTIONS = {
+    "mean_attention_distance": lambda maps, **kw: analysis.mean_attention_distance(maps, **kw),
+    "attention_entropy": lambda maps, **kw: analysis.attention_entropy(maps, **kw),
+    "attention_rollout": lambda maps, **kw: analysis.attention_rollout(maps, **kw),
+    "gradient_rollout": lambda maps, **kw: analysis.gradient_rollout(
+        maps, grads=[np.ones_like(np.asarray(layer)) for layer in maps], **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STACK_FUNCTIONS))
+def test_one_forward_passes_num_layers_unchanged(name):
+    call = STACK_FUNCTIONS[name]
+    forward = [random_maps((2, 3, 10, 10), seed=layer) for layer in range(3)]
+    np.testing.assert_array_equal(call(forward, num_layers=3), call(forward))
+
+
+@pytest.mark.parametrize("name", sorted(STACK_FUNCTIONS))
+def test_two_forwards_of_a_model_are_refused_with_how_to_pick_one(name):
+    call = STACK_FUNCTIONS[name]
+    two_forwards = [random_maps((2, 3, 10, 10), seed=layer % 3) for layer in range(6)]
+    with pytest.raises(VisualizerError) as raised:
+        call(two_forwards, num_layers=3)
+    message = str(raised.value)
+    assert message.startswith(f"{name}: maps holds 6 maps for a model of num_layers=3: 2 forwards")
+    assert "maps[-3:] is the last" in message
+    # Following the advice works: the last forward is the three maps of one call each.
+    np.testing.assert_array_equal(
+        call(two_forwards[-3:], num_layers=3), call(two_forwards[:3])
+    )
+
+
+@pytest.mark.parametrize("name", sorted(STACK_FUNCTIONS))
+def test_a_stack_that_is_no_whole_forward_is_refused(name):
+    call = STACK_FUNCTIONS[name]
+    partial = [random_maps((2, 3, 10, 10), seed=layer) for layer in range(4)]
+    with pytest.raises(VisualizerError) as raised:
+        call(partial, num_layers=3)
+    assert "maps holds 4 maps, not a whole number of forwards of a model of num_layers=3" in str(
+        raised.value
+    )
+
+
+@pytest.mark.parametrize("num_layers", [0, -2, 1.5, True])
+def test_num_layers_must_be_a_positive_int(num_layers):
+    with pytest.raises(VisualizerError, match="num_layers must be a positive int"):
+        analysis.attention_entropy([random_maps((2, 4, 4))], num_layers=num_layers)
+
+
+def test_num_layers_counts_the_layer_axis_of_a_stacked_array():
+    stacked = np.stack([random_maps((1, 2, 5, 5), seed=layer) for layer in range(4)])
+    assert analysis.attention_rollout(stacked, num_layers=4).shape == (1, 5, 5)
+    with pytest.raises(VisualizerError, match="2 forwards"):
+        analysis.attention_rollout(stacked, num_layers=2)

@@ -1,6 +1,7 @@
 """visualizer.plot: render headless and check what was drawn."""
 
 import ast
+import inspect
 import io
 import pathlib
 import subprocess
@@ -176,7 +177,7 @@ def test_query_attention_without_image_uses_patch_coordinates():
 def test_query_attention_errors():
     attn = random_maps((1, 13, 13))
     with pytest.raises(
-        VisualizerError, match=r"plot_query_attention: query row must be an int in \[-3, 3\); got 3"
+        VisualizerError, match=r"plot.query: query row must be an int in \[-3, 3\); got 3"
     ):
         plot.plot_query_attention(attn, (3, 0), grid_size=(3, 4))
     with pytest.raises(VisualizerError, match="show_cls needs a CLS token"):
@@ -203,6 +204,7 @@ def test_cls_attention_per_head_on_the_model_input_tensor():
         batch_index=1,
         mean=plot.IMAGENET_MEAN,
         std=plot.IMAGENET_STD,
+        mode="nearest",
     )
     assert len(fig.axes) == 4
     seen = torch.from_numpy(attn).to(torch.bfloat16).float().numpy()[1, :, 0, 1:].reshape(3, 2, 3)
@@ -375,7 +377,7 @@ def test_image_layouts_display_the_same_picture(layout):
 
 def test_bad_batch_index_is_reported():
     with pytest.raises(
-        VisualizerError, match=r"plot_heads: batch_index must be an int in \[-2, 2\); got 2"
+        VisualizerError, match=r"plot.heads: batch_index must be an int in \[-2, 2\); got 2"
     ):
         plot.plot_heads(random_maps((2, 3, 5, 5)), batch_index=2)
 
@@ -409,3 +411,156 @@ def test_mean_attention_distance_axes_show_whole_layers_from_zero():
     ax = fig.axes[0]
     assert list(ax.get_xticks()) == [0, 1, 2]
     assert ax.get_ylim()[0] == 0
+
+
+# ------------------------------------------------------------ one grammar
+
+SINGLE_PANEL = ["head", "tokens", "head_view", "mean_attention_distance", "rollout"]
+MULTI_PANEL = ["heads", "query", "cls_attention", "cross_attention"]
+OLD_NAMES = {
+    "plot_head": "head",
+    "plot_heads": "heads",
+    "plot_query_attention": "query",
+    "plot_cls_attention": "cls_attention",
+    "plot_mean_attention_distance": "mean_attention_distance",
+    "plot_cross_attention": "cross_attention",
+    "plot_rollout": "rollout",
+}
+
+
+@pytest.mark.parametrize("old, new", sorted(OLD_NAMES.items()))
+def test_old_names_are_the_same_functions(old, new):
+    assert getattr(plot, old) is getattr(plot, new)
+
+
+@pytest.mark.parametrize("name", SINGLE_PANEL + MULTI_PANEL)
+def test_one_panel_takes_ax_several_take_fig(name):
+    parameters = inspect.signature(getattr(plot, name)).parameters
+    where = "ax" if name in SINGLE_PANEL else "fig"
+    assert where in parameters and ({"ax", "fig"} - {where}).isdisjoint(parameters)
+    assert parameters[where].kind is inspect.Parameter.KEYWORD_ONLY
+    assert parameters[where].default is None
+
+
+# Each function drawn with small valid input, where= left to the test.
+DRAW = {
+    "head": lambda **where: plot.head(random_maps((2, 5, 5)), **where),
+    "tokens": lambda **where: plot.tokens(random_maps((2, 3, 3)), ["a", "b", "c"], **where),
+    "head_view": lambda **where: plot.head_view(random_maps((2, 3, 3)), ["a", "b", "c"], **where),
+    "mean_attention_distance": lambda **where: plot.mean_attention_distance(
+        np.ones((3, 2)), **where
+    ),
+    "rollout": lambda **where: plot.rollout(random_maps((5, 5)), **where),
+    "heads": lambda **where: plot.heads(random_maps((2, 5, 5)), **where),
+    "query": lambda **where: plot.query(random_maps((2, 5, 5)), 0, **where),
+    "cls_attention": lambda **where: plot.cls_attention(random_maps((2, 5, 5)), **where),
+    "cross_attention": lambda **where: plot.cross_attention(
+        random_maps((1, 2, 3, 4)), 0, random_image(8, 8), **where
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SINGLE_PANEL + MULTI_PANEL)
+def test_every_plot_draws_into_a_subfigure_and_returns_the_root_figure(name):
+    root = Figure(layout="constrained")
+    sub = root.subfigures(1, 2)[1]
+    if name in SINGLE_PANEL:
+        ax = sub.add_subplot()
+        assert DRAW[name](ax=ax) is root
+        assert ax.images or ax.collections
+    else:
+        assert DRAW[name](fig=sub) is root
+        assert sub.axes and all(ax.get_figure() is sub for ax in sub.axes)
+    assert rendered(root).startswith(b"\x89PNG")
+
+
+# The colour rule of the module docstring: (function, colormap of its attention images).
+COLOURS = {
+    "head": plot.MATRIX_COLORMAP,
+    "tokens": plot.MATRIX_COLORMAP,
+    "heads": plot.MATRIX_COLORMAP,
+    "cross_attention": plot.MATRIX_COLORMAP,
+    "query": plot.OVERLAY_COLORMAP,
+    "cls_attention": plot.OVERLAY_COLORMAP,
+    "rollout": plot.OVERLAY_COLORMAP,
+}
+
+
+@pytest.mark.parametrize("name", sorted(COLOURS))
+def test_colour_rule_matrix_viridis_overlay_inferno_never_smoothed(name):
+    assert (plot.MATRIX_COLORMAP, plot.OVERLAY_COLORMAP) == ("viridis", "inferno")
+    fig = DRAW[name]()
+    # Attention images: every image on the figure except drawn photos (RGB, no colormap).
+    images = [image for ax in fig.axes for image in ax.images if image.get_array().ndim == 2]
+    assert images
+    for image in images:
+        if name == "query" and image is fig.axes[0].images[0]:
+            continue  # the blank grid under the query outline, not attention
+        assert image.get_cmap().name == COLOURS[name]
+        assert image.get_interpolation() == "nearest"
+
+
+def test_overlays_upsample_bilinear_by_default_like_torch():
+    torch = pytest.importorskip("torch")
+    rollout = random_maps((1 + 6, 1 + 6))
+    heat = rollout[0, 1:].reshape(2, 3)
+    fig = plot.rollout(rollout, random_image(20, 30), grid_size=(2, 3))
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(heat)[None, None], size=(20, 30), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    np.testing.assert_allclose(fig.axes[0].images[1].get_array(), expected, atol=1e-12)
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def test_geometry_gives_grid_prefix_and_normalization_at_once():
+    geometry = analysis.ImageGeometry(
+        grid_size=(2, 3), num_prefix_tokens=5, mean=plot.IMAGENET_MEAN, std=plot.IMAGENET_STD
+    )
+    attn = random_maps((2, 4, 5 + 6, 5 + 6))
+    torch = pytest.importorskip("torch")
+    image = np.random.default_rng(3).random((20, 30, 3))
+    model_input = torch.from_numpy(
+        ((image - geometry.mean) / np.array(geometry.std)).transpose(2, 0, 1)
+    )
+    explicit = dict(
+        grid_size=(2, 3), num_prefix_tokens=5, mean=plot.IMAGENET_MEAN, std=plot.IMAGENET_STD
+    )
+    for draw in (
+        lambda **kw: plot.query(attn, (1, 2), model_input, show_cls=True, **kw),
+        lambda **kw: plot.cls_attention(attn, model_input, **kw),
+        lambda **kw: plot.rollout(random_maps((11, 11)), model_input, **kw),
+    ):
+        by_geometry, by_hand = draw(geometry=geometry), draw(**explicit)
+        for got, want in zip(by_geometry.axes, by_hand.axes):
+            assert len(got.images) == len(want.images)
+            for got_image, want_image in zip(got.images, want.images):
+                np.testing.assert_array_equal(got_image.get_array(), want_image.get_array())
+        # The drawn photo is the image the model saw: normalization undone.
+        np.testing.assert_allclose(by_geometry.axes[0].images[0].get_array(), image, atol=1e-12)
+
+
+def test_geometry_and_a_different_explicit_value_is_an_error():
+    geometry = analysis.ImageGeometry(grid_size=(2, 3), num_prefix_tokens=5)
+    attn = random_maps((4, 11, 11))
+    with pytest.raises(
+        VisualizerError,
+        match=r"plot.query: num_prefix_tokens=1 conflicts with geometry.num_prefix_tokens=5",
+    ):
+        plot.query(attn, 0, geometry=geometry, num_prefix_tokens=1)
+    with pytest.raises(VisualizerError, match=r"plot.cls_attention: grid_size=\(3, 2\) conflicts"):
+        plot.cls_attention(attn, geometry=geometry, grid_size=(3, 2))
+    # Equal values are no conflict.
+    plot.rollout(random_maps((11, 11)), geometry=geometry, grid_size=(2, 3), num_prefix_tokens=5)
+
+
+def test_cross_attention_geometry_has_no_prefix_tokens():
+    cross = random_maps((1, 2, 4, 6))
+    image = random_image(20, 30)
+    grid = analysis.ImageGeometry(grid_size=(2, 3), num_prefix_tokens=0, patch_size=10)
+    fig = plot.cross_attention(cross, 1, image, geometry=grid)
+    expected = cross[0, :, 1].mean(axis=0).reshape(2, 3)
+    np.testing.assert_allclose(fig.axes[1].images[0].get_array(), expected)
+    with pytest.raises(VisualizerError, match="geometry.num_prefix_tokens=1: pass ImageGeometry"):
+        plot.cross_attention(cross, 1, image, geometry=analysis.ImageGeometry((2, 3)))

@@ -9,20 +9,32 @@ Layouts:
   columns, rows summing to 1 (post-softmax). Results keep the batch axis when
   it was given.
 - a layer stack is a list of per-layer maps (``get_local.cache[...]`` is such a
-  list, one entry per call) or an array ``(L, B, H, N, N)``.
+  list, one entry per call) or an array ``(L, B, H, N, N)``. A cache holds one
+  map per *call*: after two forwards of a 12-layer model it holds 24 maps. Pass
+  ``num_layers=`` (the model's depth) to functions taking a stack and they
+  refuse anything but one forward, saying how to pick one.
 - tokens are ``num_prefix_tokens`` prefix tokens (CLS, then register tokens)
   followed by the patch grid ``(h, w)`` in row-major order. CLS is token 0.
+  :class:`ImageGeometry` holds that layout (with the patch size in pixels and
+  the input normalization) once, e.g. ``ImageGeometry.from_model(model)``;
+  every function that takes ``grid_size``/``num_prefix_tokens``/``patch_size``
+  takes ``geometry=`` instead.
 
 torch is not imported by this module; tensors are converted with
 ``.detach().cpu()``.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import functools
 import sys
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ._arrays import (
+    ArrayOrTensor,
     attention_array,
     check_prefix,
     cross_attention_array,
@@ -35,10 +47,446 @@ from ._arrays import (
 )
 from ._errors import VisualizerError
 
+if TYPE_CHECKING:
+    import torch
+
+# A layer stack: a list (or tuple) of per-layer maps ``(B, H, N, N)``, an
+# array ``(L, B, H, N, N)``, or a single map. Arrays are ``ArrayOrTensor``:
+# anything numpy makes an array of, or a torch tensor of any device and dtype.
+LayerStack = Union[ArrayOrTensor, List[ArrayOrTensor], Tuple[ArrayOrTensor, ...]]
+
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
-def cls_attention(attn, grid_size=None, num_prefix_tokens=1):
+# ------------------------------------------------------------------ geometry
+
+
+def _grid_pair(value: Any, func: str) -> Optional[tuple[int, int]]:
+    """``grid_size`` as ``(h, w)`` ints (an int means a square grid), or None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        value = (value, value)
+    try:
+        height, width = value
+        if not all(isinstance(side, (int, np.integer)) for side in (height, width)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise VisualizerError(
+            f"{func}: grid_size must be (h, w), an int or None; got {value!r}"
+        ) from None
+    if height < 1 or width < 1:
+        raise VisualizerError(f"{func}: grid_size must be positive; got {value!r}")
+    return int(height), int(width)
+
+
+def _prefix_count(value: Any, func: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise VisualizerError(f"{func}: num_prefix_tokens must be an int >= 0; got {value!r}")
+    return int(value)
+
+
+def _patch_pair(value: Any, func: str) -> Optional[tuple[float, float]]:
+    """``patch_size`` as ``(height, width)`` in pixels, ints kept as ints, or None."""
+    if value is None:
+        return None
+    height, width = pair(value, func, "patch_size")
+    # Patches are whole pixels in practice: show (16, 16), not (16.0, 16.0).
+    return (
+        int(height) if height.is_integer() else height,
+        int(width) if width.is_integer() else width,
+    )
+
+
+def _channels(value: Any, func: str, name: str) -> Optional[tuple[float, ...]]:
+    """A per-channel ``mean``/``std`` as a tuple of floats, or None."""
+    if value is None:
+        return None
+    values = to_numpy(value, func, name).astype(np.float64).ravel()
+    if values.size == 0 or (name == "std" and not (values > 0).all()):
+        raise VisualizerError(
+            f"{func}: {name} must hold one {'positive ' if name == 'std' else ''}number per "
+            f"channel; got {value!r}"
+        )
+    return tuple(float(item) for item in values)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class ImageGeometry:
+    """How a vision transformer's tokens lie on the image it saw: give it once, use it everywhere.
+
+    Every function here and in :mod:`visualizer.plot` that takes ``grid_size``,
+    ``num_prefix_tokens``, ``patch_size``, ``mean`` or ``std`` takes
+    ``geometry=`` instead. An explicit argument given beside a geometry must
+    agree with it (or fill a field the geometry leaves None); a different value
+    is an error, never silently preferred.
+
+    Attributes:
+        grid_size: patch grid ``(h, w)``; None infers a square grid from a
+            map's token count.
+        num_prefix_tokens: tokens before the patches: CLS, then distillation
+            (DeiT) or register tokens (DINOv2 with registers: 1 + 4).
+        patch_size: ``(height, width)`` of a patch in pixels, or None.
+        mean, std: per-channel normalization of the model's input (undone to
+            draw the input tensor), or None.
+
+    Construct it directly (ints are accepted for square grids and patches) or
+    with :meth:`from_model` / :meth:`from_config`.
+
+    Example:
+        >>> geometry = ImageGeometry(grid_size=(14, 14), num_prefix_tokens=5, patch_size=16)
+        >>> geometry.grid_size, geometry.patch_size, geometry.image_size, geometry.num_tokens
+        ((14, 14), (16, 16), (224, 224), 201)
+    """
+
+    grid_size: Optional[tuple[int, int]]
+    num_prefix_tokens: int
+    patch_size: Optional[tuple[float, float]]
+    mean: Optional[tuple[float, ...]]
+    std: Optional[tuple[float, ...]]
+
+    def __init__(
+        self,
+        grid_size: Union[int, tuple[int, int], None] = None,
+        num_prefix_tokens: int = 1,
+        patch_size: Union[float, tuple[float, float], None] = None,
+        mean: Optional[ArrayOrTensor] = None,
+        std: Optional[ArrayOrTensor] = None,
+    ) -> None:
+        func = "ImageGeometry"
+        # object.__setattr__: the dataclass is frozen, and this __init__ (not
+        # the generated one) normalizes what it is given.
+        object.__setattr__(self, "grid_size", _grid_pair(grid_size, func))
+        object.__setattr__(self, "num_prefix_tokens", _prefix_count(num_prefix_tokens, func))
+        object.__setattr__(self, "patch_size", _patch_pair(patch_size, func))
+        object.__setattr__(self, "mean", _channels(mean, func, "mean"))
+        object.__setattr__(self, "std", _channels(std, func, "std"))
+
+    @property
+    def num_patches(self) -> Optional[int]:
+        """``h * w``, or None when the grid is inferred."""
+        return None if self.grid_size is None else self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_tokens(self) -> Optional[int]:
+        """Prefix tokens plus patches: the side ``N`` of the model's maps, or None."""
+        patches = self.num_patches
+        return None if patches is None else self.num_prefix_tokens + patches
+
+    @property
+    def image_size(self) -> Optional[tuple[float, float]]:
+        """``(height, width)`` in pixels of the image the grid covers, or None."""
+        if self.grid_size is None or self.patch_size is None:
+            return None
+        return (
+            self.grid_size[0] * self.patch_size[0],
+            self.grid_size[1] * self.patch_size[1],
+        )
+
+    @classmethod
+    def resolve(
+        cls,
+        geometry: Optional[ImageGeometry],
+        *,
+        caller: str,
+        grid_size: Union[int, tuple[int, int], None] = None,
+        num_prefix_tokens: Optional[int] = None,
+        patch_size: Union[float, tuple[float, float], None] = None,
+        mean: Optional[ArrayOrTensor] = None,
+        std: Optional[ArrayOrTensor] = None,
+    ) -> ImageGeometry:
+        """The geometry a function uses, from ``geometry=`` and its explicit arguments.
+
+        Explicit arguments (None: not given) fill the fields ``geometry``
+        leaves None and must equal the ones it sets; without a geometry they
+        alone count, ``num_prefix_tokens`` defaulting to 1. ``caller`` names the
+        function in error messages.
+
+        Example:
+            >>> ImageGeometry.resolve(ImageGeometry(4), caller="f", patch_size=8).image_size
+            (32, 32)
+            >>> ImageGeometry.resolve(None, caller="f", grid_size=(2, 8)).num_prefix_tokens
+            1
+        """
+        if geometry is not None and not isinstance(geometry, ImageGeometry):
+            raise VisualizerError(
+                f"{caller}: geometry must be an ImageGeometry or None; got "
+                f"{type(geometry).__name__}"
+            )
+        grid = _grid_pair(grid_size, caller)
+        prefix = None if num_prefix_tokens is None else _prefix_count(num_prefix_tokens, caller)
+        patch = _patch_pair(patch_size, caller)
+        mean_values, std_values = _channels(mean, caller, "mean"), _channels(std, caller, "std")
+        if geometry is None:
+            return cls(grid, 1 if prefix is None else prefix, patch, mean_values, std_values)
+        given = {
+            "grid_size": grid,
+            "num_prefix_tokens": prefix,
+            "patch_size": patch,
+            "mean": mean_values,
+            "std": std_values,
+        }
+        merged: Dict[str, Any] = dataclasses.asdict(geometry)
+        for name, value in given.items():
+            if value is None:
+                continue
+            if merged[name] is not None and merged[name] != value:
+                raise VisualizerError(
+                    f"{caller}: {name}={value!r} conflicts with geometry.{name}="
+                    f"{merged[name]!r}; pass one of them"
+                )
+            merged[name] = value
+        return cls(**merged)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        *,
+        image_size: Union[int, tuple[int, int], None] = None,
+        num_prefix_tokens: Optional[int] = None,
+        mean: Optional[ArrayOrTensor] = None,
+        std: Optional[ArrayOrTensor] = None,
+    ) -> ImageGeometry:
+        """The geometry of a Hugging Face ViT-like model, from its config.
+
+        Reads ``config.image_size`` and ``config.patch_size`` (a composite
+        config such as CLIP's is read through ``config.vision_config``) and
+        counts the prefix tokens from ``config.model_type`` (CLS for ViT,
+        DINOv2, BEiT, CLIP...; CLS + distillation for DeiT; none for SigLIP
+        and I-JEPA) plus ``config.num_register_tokens``. Image processors, not
+        configs, hold the normalization: pass ``mean``/``std`` to have it.
+
+        Args:
+            config: a ``transformers`` config (or any object with those attributes).
+            image_size: the size the model is run at, when not
+                ``config.image_size`` (DINOv2's config says 518; it is often
+                run at 224): the grid is ``image_size // patch_size``.
+            num_prefix_tokens: the prefix count, for a ``model_type`` not known here.
+            mean, std: per-channel input normalization.
+
+        Returns:
+            an :class:`ImageGeometry`.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> config = SimpleNamespace(model_type="dinov2_with_registers", image_size=518,
+            ...                          patch_size=14, num_register_tokens=4)
+            >>> geometry = ImageGeometry.from_config(config, image_size=224)
+            >>> geometry.grid_size, geometry.num_prefix_tokens, geometry.patch_size
+            ((16, 16), 5, (14, 14))
+        """
+        func = "ImageGeometry.from_config"
+        if not hasattr(config, "patch_size") and hasattr(config, "vision_config"):
+            config = config.vision_config  # CLIP, SigLIP: the image tower's own config
+        model_type = getattr(config, "model_type", None)
+        described = f"{type(config).__name__} (model_type {model_type!r})"
+        patch = _patch_pair(getattr(config, "patch_size", None), func)
+        size = getattr(config, "image_size", None) if image_size is None else image_size
+        if patch is None or size is None:
+            missing = " and ".join(
+                f"config.{name}" for name, value in (("image_size", size), ("patch_size", patch))
+                if value is None
+            )
+            raise VisualizerError(
+                f"{func}: cannot infer the patch grid: looked for config.image_size and "
+                f"config.patch_size (and config.vision_config) on {described}; {missing} "
+                "missing. Build ImageGeometry(grid_size=..., num_prefix_tokens=..., "
+                "patch_size=...) yourself"
+            )
+        height, width = pair(size, func, "image_size")
+        grid = (int(height // patch[0]), int(width // patch[1]))
+        if num_prefix_tokens is None:
+            if model_type not in _HF_PREFIX_TOKENS:
+                raise VisualizerError(
+                    f"{func}: cannot infer the number of prefix tokens of {described}: "
+                    f"looked for its model_type among {sorted(_HF_PREFIX_TOKENS)}; pass "
+                    "num_prefix_tokens= (CLS + register tokens before the patches)"
+                )
+            num_prefix_tokens = _HF_PREFIX_TOKENS[model_type] + int(
+                getattr(config, "num_register_tokens", 0) or 0
+            )
+        return cls(grid, num_prefix_tokens, patch, mean, std)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        *,
+        image_size: Union[int, tuple[int, int], None] = None,
+        num_prefix_tokens: Optional[int] = None,
+        mean: Optional[ArrayOrTensor] = None,
+        std: Optional[ArrayOrTensor] = None,
+    ) -> ImageGeometry:
+        """The geometry of a ViT-like model, read from its attributes.
+
+        - A Hugging Face model (it has ``.config``): :meth:`from_config`.
+        - A timm-like model: the grid from ``patch_embed.grid_size`` (or
+          ``grid_size``, or ``image_size``/``img_size`` over the patch size),
+          the patch from ``patch_embed.patch_size`` (or ``patch_size``), the
+          prefix count from ``num_prefix_tokens``, else by counting
+          ``cls_token``/``class_token``, ``dist_token`` and
+          ``reg_token``/``register_tokens`` that are not None; the
+          normalization from ``pretrained_cfg`` (or ``default_cfg``)
+          ``"mean"``/``"std"``.
+
+        Args:
+            model: the model (a ``torch.nn.Module``, or any object with those attributes).
+            image_size: the size the model is run at, when not the one it was
+                built for: the grid is then ``image_size // patch_size``.
+            num_prefix_tokens, mean, std: values to use instead of inferring them.
+
+        Returns:
+            an :class:`ImageGeometry`.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> vit = SimpleNamespace(patch_embed=SimpleNamespace(grid_size=(14, 14),
+            ...                       patch_size=(16, 16)), num_prefix_tokens=1)
+            >>> ImageGeometry.from_model(vit).image_size
+            (224, 224)
+        """
+        func = "ImageGeometry.from_model"
+        if getattr(model, "config", None) is not None:
+            return cls.from_config(
+                model.config,
+                image_size=image_size,
+                num_prefix_tokens=num_prefix_tokens,
+                mean=mean,
+                std=std,
+            )
+        owners = [model, getattr(model, "patch_embed", None)]
+
+        def find(*names: str) -> Any:
+            # patch_embed first: timm keeps the geometry there, on the module
+            # that makes the patches.
+            for owner in reversed(owners):
+                for name in names:
+                    if owner is not None and getattr(owner, name, None) is not None:
+                        return getattr(owner, name)
+            return None
+
+        patch = _patch_pair(find("patch_size"), func)
+        if image_size is None:
+            grid = _grid_pair(_int_pair(find("grid_size")), func)
+            size = find("img_size", "image_size")
+        else:
+            grid, size = None, image_size  # run at another size: the grid follows it
+        if grid is None and patch is not None and size is not None:
+            height, width = pair(size, func, "image_size")
+            grid = (int(height // patch[0]), int(width // patch[1]))
+        name = type(model).__name__
+        if grid is None:
+            raise VisualizerError(
+                f"{func}: cannot infer the patch grid of {name}: looked for model.config "
+                "(Hugging Face), patch_embed.grid_size or grid_size, and image_size or img_size "
+                "with patch_size (timm-like); build ImageGeometry(grid_size=...) yourself"
+            )
+        if num_prefix_tokens is None:
+            num_prefix_tokens = _count_prefix_tokens(model)
+        if num_prefix_tokens is None:
+            raise VisualizerError(
+                f"{func}: cannot infer the number of prefix tokens of {name}: looked for "
+                "num_prefix_tokens, cls_token, class_token, dist_token, reg_token, "
+                "register_tokens; pass num_prefix_tokens="
+            )
+        config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+        if isinstance(config, dict):
+            mean = config.get("mean") if mean is None else mean
+            std = config.get("std") if std is None else std
+        return cls(grid, num_prefix_tokens, patch, mean, std)
+
+
+# Tokens before the patches, per Hugging Face model_type: CLS for most; DeiT
+# adds a distillation token; SigLIP and I-JEPA pool the patches and have none.
+# Register tokens (config.num_register_tokens) come on top.
+_HF_PREFIX_TOKENS = {
+    "beit": 1,
+    "clip_vision_model": 1,
+    "data2vec-vision": 1,
+    "deit": 2,
+    "dinov2": 1,
+    "dinov2_with_registers": 1,
+    "dinov3_vit": 1,
+    "ijepa": 0,
+    "siglip_vision_model": 0,
+    "vit": 1,
+    "vit_msn": 1,
+}
+
+
+def _int_pair(value: Any) -> Any:
+    """A tensor or array grid size as a tuple; anything else unchanged."""
+    if value is None or isinstance(value, (int, tuple, list)):
+        return value
+    return tuple(int(side) for side in np.asarray(value).ravel())
+
+
+def _count_prefix_tokens(model: Any) -> Optional[int]:
+    """``model.num_prefix_tokens``, else the prefix token parameters counted; None if neither."""
+    declared = getattr(model, "num_prefix_tokens", None)
+    if declared is not None:
+        return int(declared)
+    found = None
+    for name in ("cls_token", "class_token", "dist_token", "reg_token", "register_tokens"):
+        if not hasattr(model, name):
+            continue
+        found = found or 0
+        token = getattr(model, name)
+        if token is not None:
+            # (1, count, dim) parameters: registers come several at a time.
+            found += int(np.shape(token)[1]) if len(np.shape(token)) == 3 else 1
+    return found
+
+
+def _check_one_forward(count: int, num_layers: Optional[int], func: str, name: str) -> None:
+    """With ``num_layers``, refuse a stack that is not exactly one forward of the model."""
+    if num_layers is None:
+        return
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or (
+        num_layers < 1
+    ):
+        raise VisualizerError(f"{func}: num_layers must be a positive int; got {num_layers!r}")
+    if count == num_layers:
+        return
+    # A capture cache holds one map per call of the attention code, not one per
+    # layer: a second forward appends num_layers more maps to the same list.
+    pick = (
+        f"pick one forward: {name}[-{num_layers}:] is the last, {name}[:{num_layers}] the "
+        f"first (or clear the cache before the forward you want)"
+    )
+    if count % num_layers == 0:
+        raise VisualizerError(
+            f"{func}: {name} holds {count} maps for a model of num_layers={num_layers}: "
+            f"{count // num_layers} forwards (calls) of the model, not one (the cache records "
+            f"one map per call, not per layer); {pick}"
+        )
+    raise VisualizerError(
+        f"{func}: {name} holds {count} maps, not a whole number of forwards of a model of "
+        f"num_layers={num_layers} (the cache records one map per call: a forward was cut "
+        f"short or capture was switched on midway, or num_layers is wrong); {pick}"
+    )
+
+
+def _layer_stack(
+    maps: LayerStack, func: str, num_layers: Optional[int], name: str = "maps"
+) -> tuple[list[Any], bool]:
+    """``layer_list`` with the ``num_layers`` check: ``(layers, stacked)``."""
+    layers, stacked = layer_list(maps, func, name)
+    _check_one_forward(len(layers), num_layers, func, name)
+    return layers, stacked
+
+
+# ------------------------------------------------------------------ analysis
+
+
+def cls_attention(
+    attn: ArrayOrTensor,
+    grid_size: Union[int, tuple[int, int], None] = None,
+    num_prefix_tokens: Optional[int] = None,
+    *,
+    geometry: Optional[ImageGeometry] = None,
+) -> np.ndarray:
     """CLS token's attention to every patch, per head, on the patch grid.
 
     Args:
@@ -47,7 +495,9 @@ def cls_attention(attn, grid_size=None, num_prefix_tokens=1):
             accepted too.
         grid_size: patch grid ``(h, w)``; None infers a square grid.
         num_prefix_tokens: CLS plus register tokens before the patches (1 for
-            ViT/DeiT/DINO, 5 for DINOv2 with 4 registers).
+            ViT/DINO, 2 for DeiT, 5 for DINOv2 with 4 registers); None: 1.
+        geometry: an :class:`ImageGeometry` instead of ``grid_size`` and
+            ``num_prefix_tokens``.
 
     Returns:
         ``(B, H, h, w)`` or ``(H, h, w)``: the CLS row without the prefix
@@ -60,17 +510,22 @@ def cls_attention(attn, grid_size=None, num_prefix_tokens=1):
         (2, 3, 2, 3)
     """
     func = "cls_attention"
+    layout = ImageGeometry.resolve(
+        geometry, caller=func, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens
+    )
     array, batched = attention_array(attn, func, square=False)
     if array.shape[2] not in (1, array.shape[3]):
         raise VisualizerError(
             f"{func}: attn must have shape (B, H, N, N) or (B, H, 1, N) (CLS row only); got shape "
             f"{array.shape}"
         )
-    result = _cls_row_on_grid(array, grid_size, num_prefix_tokens, func)
+    result = _cls_row_on_grid(array, layout.grid_size, layout.num_prefix_tokens, func)
     return result if batched else result[0]
 
 
-def _cls_row_on_grid(array, grid_size, num_prefix_tokens, func):
+def _cls_row_on_grid(
+    array: np.ndarray, grid_size: Optional[tuple[int, int]], num_prefix_tokens: int, func: str
+) -> np.ndarray:
     """Row 0 of maps ``(B, H, Q, N)`` without prefix columns, as ``(B, H, h, w)``."""
     batch, heads, _, tokens = array.shape
     if check_prefix(num_prefix_tokens, tokens, func) < 1:
@@ -85,7 +540,9 @@ def _cls_row_on_grid(array, grid_size, num_prefix_tokens, func):
 
 
 @functools.lru_cache(maxsize=4)
-def _patch_distances(height, width, patch_height, patch_width, dtype):
+def _patch_distances(
+    height: int, width: int, patch_height: float, patch_width: float, dtype: str
+) -> np.ndarray:
     """Pixel distance between the centres of every pair of patches, ``(n, n)``."""
     rows, cols = np.divmod(np.arange(height * width), width)
     # All patches have the same size, so centre-to-centre distance is the
@@ -97,9 +554,16 @@ def _patch_distances(height, width, patch_height, patch_width, dtype):
     return distances
 
 
-def _per_layer_statistic(maps, func, statistic, average_batch, square=True):
+def _per_layer_statistic(
+    maps: LayerStack,
+    func: str,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    average_batch: bool,
+    num_layers: Optional[int],
+    square: bool = True,
+) -> np.ndarray:
     """Apply ``statistic`` (map ``(B, H, Q, N)`` -> ``(B, H)``) to each layer and stack."""
-    layers, stacked = layer_list(maps, func)
+    layers, stacked = _layer_stack(maps, func, num_layers)
     per_layer = [
         (statistic(array), batched) for array, batched in layer_arrays(layers, func, square=square)
     ]
@@ -110,8 +574,15 @@ def _per_layer_statistic(maps, func, statistic, average_batch, square=True):
 
 
 def mean_attention_distance(
-    maps, grid_size=None, num_prefix_tokens=1, patch_size=16, average_batch=True
-):
+    maps: LayerStack,
+    grid_size: Union[int, tuple[int, int], None] = None,
+    num_prefix_tokens: Optional[int] = None,
+    patch_size: Union[float, tuple[float, float], None] = None,
+    average_batch: bool = True,
+    *,
+    geometry: Optional[ImageGeometry] = None,
+    num_layers: Optional[int] = None,
+) -> np.ndarray:
     """Attention-weighted mean pixel distance between query and key patches, per layer and head.
 
     For every query patch, the distances from its centre to every key patch's
@@ -128,10 +599,15 @@ def mean_attention_distance(
         maps: a layer stack (list of ``(B, H, N, N)`` maps or an array
             ``(L, B, H, N, N)``) or a single map ``(B, H, N, N)``/``(H, N, N)``.
         grid_size: patch grid ``(h, w)``; None infers a square grid.
-        num_prefix_tokens: CLS plus register tokens before the patches.
-        patch_size: patch side in pixels, or ``(height, width)`` in pixels.
+        num_prefix_tokens: CLS plus register tokens before the patches; None: 1.
+        patch_size: patch side in pixels, or ``(height, width)`` in pixels;
+            None: 16.
         average_batch: average over batch items (default); False keeps a
             batch axis after the layer axis.
+        geometry: an :class:`ImageGeometry` instead of ``grid_size``,
+            ``num_prefix_tokens`` and ``patch_size``.
+        num_layers: the model's depth; when given, ``maps`` must be one
+            forward (``num_layers`` maps), see :func:`attention_rollout`.
 
     Returns:
         ``(L, H)`` in pixels for a stack (``(L, B, H)`` with
@@ -146,10 +622,18 @@ def mean_attention_distance(
                [0.]])
     """
     func = "mean_attention_distance"
-    patch_height, patch_width = pair(patch_size, func, "patch_size")
+    layout = ImageGeometry.resolve(
+        geometry,
+        caller=func,
+        grid_size=grid_size,
+        num_prefix_tokens=num_prefix_tokens,
+        patch_size=patch_size,
+    )
+    num_prefix_tokens = layout.num_prefix_tokens
+    patch_height, patch_width = layout.patch_size or (16, 16)
 
-    def statistic(array):
-        height, width = grid_shape(array.shape[-1], num_prefix_tokens, grid_size, func)
+    def statistic(array: np.ndarray) -> np.ndarray:
+        height, width = grid_shape(array.shape[-1], num_prefix_tokens, layout.grid_size, func)
         distances = _patch_distances(height, width, patch_height, patch_width, array.dtype.str)
         patches = array[..., num_prefix_tokens:, num_prefix_tokens:]
         # One einsum instead of the reference's Python double loop over
@@ -163,10 +647,12 @@ def mean_attention_distance(
             per_query.sum(axis=-1), count, out=np.full(count.shape, np.nan), where=count > 0
         )
 
-    return _per_layer_statistic(maps, func, statistic, average_batch)
+    return _per_layer_statistic(maps, func, statistic, average_batch, num_layers)
 
 
-def attention_entropy(maps, average_batch=True):
+def attention_entropy(
+    maps: LayerStack, average_batch: bool = True, *, num_layers: Optional[int] = None
+) -> np.ndarray:
     """Shannon entropy (nats) of each query's attention row, averaged over queries, per head.
 
     0 means every query attends to a single token; ``log(N)`` means uniform
@@ -178,6 +664,8 @@ def attention_entropy(maps, average_batch=True):
             Maps of a few query rows ``(B, H, Q, N)`` (e.g. the CLS row) work too.
         average_batch: average over batch items (default); False keeps a
             batch axis after the layer axis.
+        num_layers: the model's depth; when given, ``maps`` must be one
+            forward (``num_layers`` maps), see :func:`attention_rollout`.
 
     Returns:
         ``(L, H)`` for a stack (``(L, B, H)`` with ``average_batch=False`` and
@@ -189,37 +677,49 @@ def attention_entropy(maps, average_batch=True):
         array([1.38629436, 1.38629436])
     """
 
-    def statistic(array):
+    def statistic(array: np.ndarray) -> np.ndarray:
         # 0 * log(0) is 0 in the limit; log(1) = 0 stands in for it.
         logs = np.log(np.where(array > 0, array, 1.0))
         return -(array * logs).sum(axis=-1).mean(axis=-1)
 
-    return _per_layer_statistic(maps, "attention_entropy", statistic, average_batch, square=False)
+    return _per_layer_statistic(
+        maps, "attention_entropy", statistic, average_batch, num_layers, square=False
+    )
 
 
-def _rollout(fused_layers, discard_ratio, add_identity):
-    """Multiply head-fused layers ``(B, N, N)`` in order; return ``(B, N, N)``."""
-    result = None
-    for fused in fused_layers:
-        fused = fused.astype(np.float64)
-        if discard_ratio > 0:
-            fused = _discard_lowest(fused, discard_ratio)
-        if add_identity:
-            # Each block computes x + attn(x): the residual path carries every
-            # token's own state past the attention. Abnar & Zuidema model that
-            # as half identity, half attention; without it, information from a
-            # token that attends elsewhere would vanish from the product.
-            fused = 0.5 * fused + 0.5 * np.eye(fused.shape[-1])
-        row_sums = fused.sum(axis=-1, keepdims=True)
-        # Renormalize so each row is again a distribution (fusing heads with
-        # max/min, discarding and adding I all break that).
-        fused = np.divide(fused, row_sums, out=np.zeros_like(fused), where=row_sums > 0)
+def _rollout(
+    fused_layers: Iterable[np.ndarray], discard_ratio: float, add_identity: bool
+) -> np.ndarray:
+    """Multiply head-fused layers ``(B, N, N)`` in order; return ``(B, N, N)``.
+
+    ``fused_layers`` is never empty (``layer_list`` refuses empty stacks).
+    """
+    layers = iter(fused_layers)
+    result = _rollout_step(next(layers), discard_ratio, add_identity)
+    for fused in layers:
         # Later layers act on the output of earlier ones: A_L @ ... @ A_1.
-        result = fused if result is None else fused @ result
+        result = _rollout_step(fused, discard_ratio, add_identity) @ result
     return result
 
 
-def _discard_lowest(fused, discard_ratio):
+def _rollout_step(fused: np.ndarray, discard_ratio: float, add_identity: bool) -> np.ndarray:
+    """One head-fused layer ``(B, N, N)`` as rollout multiplies it."""
+    fused = fused.astype(np.float64)
+    if discard_ratio > 0:
+        fused = _discard_lowest(fused, discard_ratio)
+    if add_identity:
+        # Each block computes x + attn(x): the residual path carries every
+        # token's own state past the attention. Abnar & Zuidema model that
+        # as half identity, half attention; without it, information from a
+        # token that attends elsewhere would vanish from the product.
+        fused = 0.5 * fused + 0.5 * np.eye(fused.shape[-1])
+    row_sums = fused.sum(axis=-1, keepdims=True)
+    # Renormalize so each row is again a distribution (fusing heads with
+    # max/min, discarding and adding I all break that).
+    return np.divide(fused, row_sums, out=np.zeros_like(fused), where=row_sums > 0)
+
+
+def _discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     """Zero the lowest ``discard_ratio`` share of each item's entries, sparing entry (0, 0).
 
     Like the common implementation (jacobgil/vit-explain), the CLS->CLS entry
@@ -234,12 +734,19 @@ def _discard_lowest(fused, discard_ratio):
     return flat.reshape(fused.shape)
 
 
-def _check_rollout_options(func, discard_ratio):
+def _check_rollout_options(func: str, discard_ratio: float) -> None:
     if not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
         raise VisualizerError(f"{func}: discard_ratio must be in [0, 1); got {discard_ratio!r}")
 
 
-def attention_rollout(maps, head_fusion="mean", discard_ratio=0.0, add_identity=True):
+def attention_rollout(
+    maps: LayerStack,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    add_identity: bool = True,
+    *,
+    num_layers: Optional[int] = None,
+) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema, 2020): how much each output token draws on each input.
 
     Per layer: fuse the heads, optionally zero the lowest weights, add the
@@ -253,6 +760,13 @@ def attention_rollout(maps, head_fusion="mean", discard_ratio=0.0, add_identity=
         discard_ratio: share of each layer's fused entries to zero, lowest first
             (the CLS->CLS entry is never discarded), in ``[0, 1)``.
         add_identity: model the residual connection as ``0.5 * A + 0.5 * I``.
+        num_layers: the model's depth. A capture cache holds one map per call,
+            so after two forwards of a 12-layer model it holds 24 maps, and a
+            rollout over them would multiply two forwards as if they were 24
+            layers. With ``num_layers`` given, ``maps`` must hold exactly one
+            forward (``num_layers`` maps); anything else is refused with a
+            message saying how to pick one (``maps[-num_layers:]``: the last).
+            None (default) takes the stack as given.
 
     Returns:
         ``(B, N, N)`` or ``(N, N)``: row ``i`` is output token ``i``'s
@@ -271,13 +785,13 @@ def attention_rollout(maps, head_fusion="mean", discard_ratio=0.0, add_identity=
         )
     _check_rollout_options(func, discard_ratio)
     fuse = getattr(np, head_fusion)
-    layers, _ = layer_list(maps, func)
+    layers, _ = _layer_stack(maps, func, num_layers)
     arrays = list(layer_arrays(layers, func))
     result = _rollout((fuse(array, axis=1) for array, _ in arrays), discard_ratio, add_identity)
     return result if arrays[0][1] else result[0]
 
 
-def _gradients(score, maps, func):
+def _gradients(score: Any, maps: LayerStack, func: str) -> Any:
     """d score / d maps, with the autograd graph kept for further targets."""
     tensors = maps if isinstance(maps, (list, tuple)) else [maps]
     if not all(is_torch_tensor(tensor) and tensor.requires_grad for tensor in tensors):
@@ -306,7 +820,15 @@ def _gradients(score, maps, func):
     return list(grads) if isinstance(maps, (list, tuple)) else grads[0]
 
 
-def gradient_rollout(maps, grads=None, *, score=None, discard_ratio=0.0, add_identity=True):
+def gradient_rollout(
+    maps: LayerStack,
+    grads: Optional[LayerStack] = None,
+    *,
+    score: Optional[torch.Tensor] = None,
+    discard_ratio: float = 0.0,
+    add_identity: bool = True,
+    num_layers: Optional[int] = None,
+) -> np.ndarray:
     """Gradient-weighted attention rollout (Chefer et al., 2021; jacobgil's "grad rollout").
 
     Per layer the heads are fused as ``mean_h(max(grad * attn, 0))``: only
@@ -326,6 +848,8 @@ def gradient_rollout(maps, grads=None, *, score=None, discard_ratio=0.0, add_ide
         score: scalar torch tensor to differentiate instead of passing grads.
         discard_ratio: share of each layer's fused entries to zero, lowest first.
         add_identity: model the residual connection as ``0.5 * A + 0.5 * I``.
+        num_layers: the model's depth; when given, ``maps`` must be one
+            forward (``num_layers`` maps), see :func:`attention_rollout`.
 
     Returns:
         ``(B, N, N)`` or ``(N, N)`` with rows summing to 1.
@@ -345,9 +869,10 @@ def gradient_rollout(maps, grads=None, *, score=None, discard_ratio=0.0, add_ide
             f"{'both' if grads is not None else 'neither'}"
         )
     _check_rollout_options(func, discard_ratio)
+    # Checked before differentiating: the gradients of a wrong stack are wasted work.
+    map_layers, _ = _layer_stack(maps, func, num_layers)
     if grads is None:
         grads = _gradients(score, maps, func)
-    map_layers, _ = layer_list(maps, func, "maps")
     grad_layers, _ = layer_list(grads, func, "grads")
     if len(map_layers) != len(grad_layers):
         raise VisualizerError(
@@ -369,14 +894,22 @@ def gradient_rollout(maps, grads=None, *, score=None, discard_ratio=0.0, add_ide
     return result if arrays[0][1] else result[0]
 
 
-def rollout_cls_attention(rollout, grid_size=None, num_prefix_tokens=1):
+def rollout_cls_attention(
+    rollout: ArrayOrTensor,
+    grid_size: Union[int, tuple[int, int], None] = None,
+    num_prefix_tokens: Optional[int] = None,
+    *,
+    geometry: Optional[ImageGeometry] = None,
+) -> np.ndarray:
     """The CLS row of a rollout on the patch grid: what the class token draws from each patch.
 
     Args:
         rollout: ``(B, N, N)`` or ``(N, N)`` from :func:`attention_rollout` or
             :func:`gradient_rollout`.
         grid_size: patch grid ``(h, w)``; None infers a square grid.
-        num_prefix_tokens: CLS plus register tokens before the patches.
+        num_prefix_tokens: CLS plus register tokens before the patches; None: 1.
+        geometry: an :class:`ImageGeometry` instead of ``grid_size`` and
+            ``num_prefix_tokens``.
 
     Returns:
         ``(B, h, w)`` or ``(h, w)``.
@@ -387,6 +920,9 @@ def rollout_cls_attention(rollout, grid_size=None, num_prefix_tokens=1):
         (2, 2)
     """
     func = "rollout_cls_attention"
+    layout = ImageGeometry.resolve(
+        geometry, caller=func, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens
+    )
     array = to_numpy(rollout, func, "rollout")
     if array.ndim not in (2, 3) or array.shape[-1] != array.shape[-2]:
         raise VisualizerError(
@@ -395,12 +931,12 @@ def rollout_cls_attention(rollout, grid_size=None, num_prefix_tokens=1):
     batched = array.ndim == 3
     # A rollout is a one-head map: (B, N, N) -> (B, H=1, N, N).
     result = _cls_row_on_grid(
-        array.reshape(-1, 1, *array.shape[-2:]), grid_size, num_prefix_tokens, func
+        array.reshape(-1, 1, *array.shape[-2:]), layout.grid_size, layout.num_prefix_tokens, func
     )[:, 0]
     return result if batched else result[0]
 
 
-def threshold_mask(attention, fraction=0.6):
+def threshold_mask(attention: ArrayOrTensor, fraction: float = 0.6) -> np.ndarray:
     """DINO's masks: per map, the fewest patches holding ``fraction`` of the attention mass.
 
     Args:
@@ -443,7 +979,13 @@ def threshold_mask(attention, fraction=0.6):
     return mask.reshape(array.shape)
 
 
-def find_artifact_tokens(attn, num_prefix_tokens=1, z_threshold=10.0):
+def find_artifact_tokens(
+    attn: ArrayOrTensor,
+    num_prefix_tokens: Optional[int] = None,
+    z_threshold: float = 10.0,
+    *,
+    geometry: Optional[ImageGeometry] = None,
+) -> Union[np.ndarray, list[np.ndarray]]:
     """Patch tokens that receive outlying attention ("artifact" tokens, Darcet et al. 2023).
 
     Some ViTs (DINOv2 without registers, large supervised ViTs) route much of
@@ -462,8 +1004,9 @@ def find_artifact_tokens(attn, num_prefix_tokens=1, z_threshold=10.0):
     Args:
         attn: attention map ``(B, H, N, N)`` or ``(H, N, N)``, or a few query
             rows ``(B, H, Q, N)``/``(H, Q, N)`` (e.g. the CLS row only).
-        num_prefix_tokens: CLS plus register tokens before the patches.
+        num_prefix_tokens: CLS plus register tokens before the patches; None: 1.
         z_threshold: robust z-score above which a token is an outlier.
+        geometry: an :class:`ImageGeometry` instead of ``num_prefix_tokens``.
 
     Returns:
         for a batch, a list with one int array per item; otherwise one int
@@ -478,6 +1021,9 @@ def find_artifact_tokens(attn, num_prefix_tokens=1, z_threshold=10.0):
         array([3])
     """
     func = "find_artifact_tokens"
+    num_prefix_tokens = ImageGeometry.resolve(
+        geometry, caller=func, num_prefix_tokens=num_prefix_tokens
+    ).num_prefix_tokens
     array, batched = attention_array(attn, func, square=False)
     check_prefix(num_prefix_tokens, array.shape[-1], func)
     received = array.mean(axis=2)[..., num_prefix_tokens:].astype(np.float64)  # (B, H, patches)
@@ -493,7 +1039,7 @@ def find_artifact_tokens(attn, num_prefix_tokens=1, z_threshold=10.0):
     return tokens if batched else tokens[0]
 
 
-def _source_weights(in_size, out_size):
+def _source_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices and weights for linear interpolation with half-pixel centres."""
     # align_corners=False convention (torch, PIL): output pixel i's centre sits
     # at input coordinate (i + 0.5) * in / out - 0.5, clamped to the edge cells.
@@ -503,7 +1049,9 @@ def _source_weights(in_size, out_size):
     return lower, upper, source - lower
 
 
-def upsample_to_image(attention, image_size, mode="bilinear"):
+def upsample_to_image(
+    attention: ArrayOrTensor, image_size: Union[float, tuple[float, float]], mode: str = "bilinear"
+) -> np.ndarray:
     """Resize grid maps ``(..., h, w)`` to the image size, e.g. to overlay attention on the input.
 
     Args:
@@ -547,7 +1095,9 @@ def upsample_to_image(attention, image_size, mode="bilinear"):
     raise VisualizerError(f"{func}: mode must be 'nearest' or 'bilinear'; got {mode!r}")
 
 
-def box_cxcywh_to_xyxy(boxes, image_size):
+def box_cxcywh_to_xyxy(
+    boxes: ArrayOrTensor, image_size: Union[float, tuple[float, float]]
+) -> np.ndarray:
     """Convert DETR's normalized ``(cx, cy, w, h)`` boxes to pixel ``(x0, y0, x1, y1)``.
 
     Args:
@@ -579,7 +1129,14 @@ def box_cxcywh_to_xyxy(boxes, image_size):
     )
 
 
-def attention_mass_in_boxes(cross_attn, boxes, image_size, grid_size=None):
+def attention_mass_in_boxes(
+    cross_attn: ArrayOrTensor,
+    boxes: ArrayOrTensor,
+    image_size: Union[float, tuple[float, float], None] = None,
+    grid_size: Union[int, tuple[int, int], None] = None,
+    *,
+    geometry: Optional[ImageGeometry] = None,
+) -> np.ndarray:
     """Share of each object query's cross-attention mass that falls inside its box.
 
     A feature-map cell partly inside the box counts with the fraction of its
@@ -590,8 +1147,12 @@ def attention_mass_in_boxes(cross_attn, boxes, image_size, grid_size=None):
             ``(B, Q, h*w)`` (``nn.MultiheadAttention``'s default output).
         boxes: pixel ``(x0, y0, x1, y1)`` per query, ``(B, Q, 4)``, or
             ``(Q, 4)`` shared by all items.
-        image_size: ``(height, width)`` of the image the model saw.
+        image_size: ``(height, width)`` of the image the model saw; None
+            takes ``geometry.image_size``.
         grid_size: encoder feature grid ``(h, w)``; None infers a square grid.
+        geometry: an :class:`ImageGeometry` of the feature grid instead of
+            ``grid_size`` (and ``image_size``, if it has a patch size). Its
+            ``num_prefix_tokens`` must be 0: the keys are feature cells only.
 
     Returns:
         ``(B, Q)`` shares in ``[0, 1]`` (heads averaged first).
@@ -603,9 +1164,17 @@ def attention_mass_in_boxes(cross_attn, boxes, image_size, grid_size=None):
         array([[1.]])
     """
     func = "attention_mass_in_boxes"
+    layout = _cross_attention_layout(geometry, grid_size, func)
+    if image_size is None:
+        image_size = layout.image_size
+        if image_size is None:
+            raise VisualizerError(
+                f"{func}: image_size is required unless geometry has grid_size and patch_size; "
+                f"got image_size=None and geometry={geometry!r}"
+            )
     array = cross_attention_array(cross_attn, func).mean(axis=1)  # (B, Q, S)
     batch, queries, cells = array.shape
-    height, width = grid_shape(cells, 0, grid_size, func)
+    height, width = grid_shape(cells, 0, layout.grid_size, func)
     box_array = to_numpy(boxes, func, "boxes").astype(np.float64)
     if box_array.shape not in ((queries, 4), (batch, queries, 4)):
         raise VisualizerError(
@@ -615,7 +1184,9 @@ def attention_mass_in_boxes(cross_attn, boxes, image_size, grid_size=None):
     box_array = np.broadcast_to(box_array, (batch, queries, 4))
     image_height, image_width = pair(image_size, func, "image_size")
 
-    def overlap(low, high, cells_along, pixels):
+    def overlap(
+        low: np.ndarray, high: np.ndarray, cells_along: int, pixels: float
+    ) -> np.ndarray:
         edges = np.arange(cells_along + 1) * pixels / cells_along
         inside = np.minimum(high[..., None], edges[1:]) - np.maximum(low[..., None], edges[:-1])
         return np.clip(inside, 0, None) / (pixels / cells_along)  # (B, Q, cells_along)
@@ -626,3 +1197,16 @@ def attention_mass_in_boxes(cross_attn, boxes, image_size, grid_size=None):
     inside = np.einsum("bqyx,bqy,bqx->bq", grid, down, across)
     total = grid.sum(axis=(-2, -1))
     return np.divide(inside, total, out=np.zeros_like(inside), where=total > 0)
+
+
+def _cross_attention_layout(
+    geometry: Optional[ImageGeometry], grid_size: Union[int, tuple[int, int], None], func: str
+) -> ImageGeometry:
+    """The feature-grid geometry of cross-attention, whose keys have no prefix tokens."""
+    if isinstance(geometry, ImageGeometry) and geometry.num_prefix_tokens != 0:
+        raise VisualizerError(
+            f"{func}: cross-attention keys are feature-map cells only, with no prefix tokens; "
+            f"got geometry.num_prefix_tokens={geometry.num_prefix_tokens}: pass "
+            "ImageGeometry(..., num_prefix_tokens=0)"
+        )
+    return ImageGeometry.resolve(geometry, caller=func, grid_size=grid_size, num_prefix_tokens=0)
