@@ -28,7 +28,7 @@ returned to the function, changing a value the user holds. The guarded load
 reads nothing but the one slot, and the function's own semantics never change.
 """
 from types import CodeType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 from bytecode import Bytecode, CellVar, FreeVar, Instr, TryBegin, TryEnd
 
@@ -54,27 +54,27 @@ def instrument(
     bytecode = Bytecode.from_code(code)
     rewritten: List[Any] = []
     handlers: List[Any] = []
-    # 3.11+: the exception-table region the scan is in. A guarded load inside
-    # it closes it and opens it again after the load (regions do not nest).
+    # 3.11+: the exception-table region the scan is in, and the TryBegin of the
+    # function's code it continues. A guarded load inside a region closes it
+    # and opens a copy after the load (regions do not nest): the region's
+    # TryEnd then ends the copy.
     region: Optional[TryBegin] = None
-    reopened: Dict[TryBegin, TryBegin] = {}  # original -> the copy that now ends at its TryEnd
+    continued: Optional[TryBegin] = None
     for item in bytecode:
         if isinstance(item, TryBegin):
-            region = item
+            region = continued = item
         elif isinstance(item, TryEnd):
-            item.entry = reopened.pop(item.entry, item.entry)
-            region = None
+            if region is not None and item.entry is continued:
+                item.entry = region
+            region = continued = None
         elif isinstance(item, Instr) and item.name in RETURN_OPCODES:
             loads = []
             for name in names:
-                inline, handler, region_after = guarded_load(
+                inline, handler, region = guarded_load(
                     _load(name, code), missing, item.location, region
                 )
                 loads.extend(inline)
                 handlers.extend(handler)
-                if region is not None and region_after is not None and region_after is not region:
-                    reopened[_original(region, reopened)] = region_after
-                    region = region_after
             rewritten.extend(recorder_call(recorder, loads, len(names), item.location))
         rewritten.append(item)
     bytecode.clear()
@@ -84,14 +84,6 @@ def instrument(
     # show another order. It seeds the numbering with `argnames`: seed all.
     bytecode.argnames = list(code.co_varnames)
     return bytecode.to_code()
-
-
-def _original(region: TryBegin, reopened: Dict[TryBegin, TryBegin]) -> TryBegin:
-    """The TryBegin from the function's code that `region` continues."""
-    for original, current in reopened.items():
-        if current is region:
-            return original
-    return region
 
 
 def _load(name: str, code: CodeType) -> Tuple[str, Any]:
