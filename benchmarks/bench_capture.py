@@ -1,5 +1,8 @@
 """Cost of capture, as ratios against baselines measured in the same run.
 
+Quick, sequential timings (one variant after another): the README's figures come
+from benchmarks/run_all.py, which interleaves the variants over many rounds.
+
     python benchmarks/bench_capture.py            # one-line function (+ ViT if torch is installed)
     python benchmarks/bench_capture.py --device cuda
 
@@ -22,43 +25,13 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bytecode import Bytecode, Instr  # noqa: E402
-
+from _common import copy_function, original_technique  # noqa: E402
 from visualizer.capture import GetLocal  # noqa: E402
 
 
 def one_line(x):
     y = x + 1
     return y
-
-
-def original_visualizer_style(varname, store):
-    """The original get_local: tuple before the last instruction, plus a wrapper."""
-
-    def decorator(func):
-        code = Bytecode.from_code(func.__code__)
-        code[-1:-1] = [
-            Instr("STORE_FAST", "_res"),
-            Instr("LOAD_FAST", varname),
-            Instr("STORE_FAST", "_value"),
-            Instr("LOAD_FAST", "_res"),
-            Instr("LOAD_FAST", "_value"),
-            Instr("BUILD_TUPLE", 2),
-        ]
-        func.__code__ = code.to_code()
-
-        def wrapper(*args, **kwargs):
-            result, value = func(*args, **kwargs)
-            store.append(value)
-            return result
-
-        return wrapper
-
-    return decorator
-
-
-def copy_function(source):
-    return type(source)(source.__code__, source.__globals__, source.__name__)
 
 
 def per_call_ns(function, repeat=7, number=200_000):
@@ -80,7 +53,7 @@ def bench_one_line():
         warnings.simplefilter("ignore", RuntimeWarning)  # the bound's one-time notice
         on_bounded = per_call_ns(decorated)
     capture.deactivate()
-    original = original_visualizer_style("y", [])(copy_function(one_line))
+    original = original_technique("y", {})(copy_function(one_line))
     baseline = per_call_ns(bare)
     # Measured again at the end so drift in machine load shows up.
     baseline = min(baseline, per_call_ns(bare))

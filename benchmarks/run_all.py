@@ -89,6 +89,7 @@ from _common import (  # noqa: E402
     load_average,
     fused_attention_forward,
     machine_lines,
+    original_technique,
     paired_ratios,
     peak_rss_mib,
     quartiles,
@@ -126,47 +127,6 @@ def cell(values, digits, unit=""):
 def one_line(x):
     y = x + 1
     return y
-
-
-def original_technique(varname, store, copy=None):
-    """The original Visualizer's get_local, re-implemented from its description.
-
-    The decorator puts `(result, value)` in place of the result, before the last
-    instruction (the return), with the `bytecode` package; the wrapper unpacks
-    the tuple and appends the value (`copy(value)` if given) to
-    `store[qualname]`.
-    """
-    from bytecode import Bytecode, Instr
-
-    def decorator(func):
-        code = Bytecode.from_code(func.__code__)
-        code[-1:-1] = [
-            Instr("STORE_FAST", "_res"),
-            Instr("LOAD_FAST", varname),
-            Instr("STORE_FAST", "_value"),
-            Instr("LOAD_FAST", "_res"),
-            Instr("LOAD_FAST", "_value"),
-            Instr("BUILD_TUPLE", 2),
-        ]
-        func.__code__ = code.to_code()
-        qualname = func.__qualname__
-        store.setdefault(qualname, [])
-
-        if copy is None:
-            def wrapper(*args, **kwargs):
-                result, value = func(*args, **kwargs)
-                store[qualname].append(value)
-                return result
-        else:
-            def wrapper(*args, **kwargs):
-                result, value = func(*args, **kwargs)
-                store[qualname].append(copy(value))
-                return result
-
-        wrapper.__qualname__ = qualname
-        return wrapper
-
-    return decorator
 
 
 def recorder_child(settings):
