@@ -61,31 +61,53 @@ def test_get_local_records_each_block_once_in_forward_order(reentrant):
         np.testing.assert_array_equal(got, want)
 
 
-class NumberedBlock(torch.nn.Module):
-    """A block that names its position in a plain int local, as a user's forward might."""
+def numbered_block_class():
+    """A new class (each test decorates its own forward) of blocks that name their
+    position in a plain int local, as a user's forward might."""
 
-    def __init__(self, index):
-        super().__init__()
-        self.index = index
-        self.linear = torch.nn.Linear(4, 4)
+    class NumberedBlock(torch.nn.Module):
+        def __init__(self, index):
+            super().__init__()
+            self.index = index
+            self.linear = torch.nn.Linear(4, 4)
 
-    def forward(self, x):
-        position = self.index * 1
-        return self.linear(x).relu() + position
+        def forward(self, x):
+            position = self.index * 1
+            return self.linear(x).relu() + position
+
+    return NumberedBlock
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("select", [None, lambda value: value + 0], ids=["plain", "select"])
-def test_plain_numbers_are_not_recorded_again_by_the_recompute(reentrant, select):
-    # Numbers take get_local's fast path (no copy); the recompute check must
-    # be there too, or the order comes out [0, 1, 2, 2, 1, 0].
+@pytest.mark.parametrize("where", ["scoped", "unbounded", "bounded"])
+def test_plain_numbers_are_not_recorded_again_by_the_recompute(reentrant, select, where):
+    # Numbers take get_local's fast path (no recorder: see FastSink, which
+    # differs with a scope open, unbounded and bounded); the recompute check
+    # must be there too, or the order comes out [0, 1, 2, 2, 1, 0].
+    NumberedBlock = numbered_block_class()
     get_local("position", select=select)(NumberedBlock.forward)
+    key = NumberedBlock.forward.__qualname__
     blocks = [Checkpointed(NumberedBlock(i), reentrant) for i in range(3)]
     model = torch.nn.Sequential(*blocks)
     x = torch.randn(2, 4, requires_grad=True)
-    with get_local.capture() as cache:
-        model(x).sum().backward()
-    assert cache[NumberedBlock.forward.__qualname__] == [0, 1, 2]
+    if where == "scoped":
+        with get_local.capture() as cache:
+            model(x).sum().backward()
+        assert cache[key] == [0, 1, 2]
+        return
+    try:
+        get_local.activate(max_entries=10 if where == "bounded" else None)
+        get_local.clear()
+        for _ in range(2):
+            model(x).sum().backward()
+        assert get_local.cache[key] == [0, 1, 2, 0, 1, 2]
+        assert get_local.dropped == {}
+    finally:
+        get_local.deactivate()
+        get_local.activate()  # back to the default policy
+        get_local.deactivate()
+        get_local.clear()
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])

@@ -38,20 +38,46 @@ def recorder_call(
     def instr(name: str, *arg: Any) -> Instr:
         return Instr(name, *arg, location=location)
 
+    return call([instr("LOAD_CONST", recorder)], argument_loads, count, location) + [
+        instr("POP_TOP")]
+
+
+def call(
+    callee_loads: Sequence[Any],
+    argument_loads: Sequence[Any],
+    count: int,
+    location: "Optional[InstrLocation]",
+) -> List[Any]:
+    """Instructions that call what `callee_loads` pushes and push the result."""
+    def instr(name: str, *arg: Any) -> Instr:
+        return Instr(name, *arg, location=location)
+
     if PY313:
         # 3.13 pushes the callable first, then NULL (the "self" slot).
-        head = [instr("LOAD_CONST", recorder), instr("PUSH_NULL")]
-        call = [instr("CALL", count)]
+        head = list(callee_loads) + [instr("PUSH_NULL")]
+        tail = [instr("CALL", count)]
     elif PY312:
-        head = [instr("PUSH_NULL"), instr("LOAD_CONST", recorder)]
-        call = [instr("CALL", count)]
+        head = [instr("PUSH_NULL")] + list(callee_loads)
+        tail = [instr("CALL", count)]
     elif PY311:
-        head = [instr("PUSH_NULL"), instr("LOAD_CONST", recorder)]
-        call = [instr("PRECALL", count), instr("CALL", count)]
+        head = [instr("PUSH_NULL")] + list(callee_loads)
+        tail = [instr("PRECALL", count), instr("CALL", count)]
     else:
-        head = [instr("LOAD_CONST", recorder)]
-        call = [instr("CALL_FUNCTION", count)]
-    return head + list(argument_loads) + call + [instr("POP_TOP")]
+        head = list(callee_loads)
+        tail = [instr("CALL_FUNCTION", count)]
+    return head + list(argument_loads) + tail
+
+
+def load_attribute(name: str, location: "Optional[InstrLocation]") -> Instr:
+    """Replace the object on top of the stack by its attribute `name`."""
+    # 3.12 merged LOAD_METHOD into LOAD_ATTR: its argument says which it is.
+    return Instr("LOAD_ATTR", (False, name) if PY312 else name, location=location)
+
+
+def jump_if_false(target: Label, location: "Optional[InstrLocation]") -> Instr:
+    """Pop the top of the stack (a bool) and jump forward to `target` if it is false."""
+    name = "POP_JUMP_FORWARD_IF_FALSE" if PY311 and not PY312 else "POP_JUMP_IF_FALSE"
+    return Instr(name, target, location=location)
 
 
 def guarded_load(

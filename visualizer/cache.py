@@ -20,7 +20,9 @@ import warnings
 from typing import (
     TYPE_CHECKING,
     Any,
+    Callable,
     Dict,
+    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -170,7 +172,8 @@ def _refuse_dtype(dtype: Any) -> NoReturn:
 
 
 # Values that cannot change after the call: stored as they are.
-IMMUTABLE_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
+IMMUTABLE_TYPES: FrozenSet[type] = frozenset(
+    {int, float, complex, bool, str, bytes, type(None)})
 
 
 def snapshot(value: Any, policy: StoragePolicy, owned: bool = False) -> Any:
@@ -339,6 +342,49 @@ class CaptureCache(dict):
             self._store.on_empty_read(key)
         return entries
 
+    # Every change of which list a key holds re-points the store's fast sinks
+    # (instrumented code appends immutable values straight to the list).
+
+    def _changed(self):
+        store = getattr(self, "_store", None)  # None while unpickling: items come first
+        if store is not None:
+            store.repoint()
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        value = dict.setdefault(self, key, default)
+        self._changed()
+        return value
+
+    def pop(self, key, *default):
+        value = dict.pop(self, key, *default)
+        self._changed()
+        return value
+
+    def popitem(self):
+        item = dict.popitem(self)
+        self._changed()
+        return item
+
+    def clear(self):
+        dict.clear(self)
+        self._changed()
+
+    def update(self, *contents, **more):
+        dict.update(self, *contents, **more)
+        self._changed()
+
+    def __ior__(self, other):  # type: ignore[misc]  # returns self, as dict's does
+        self.update(other)
+        return self
+
 
 class BoundedEntries(collections.deque):
     """The entries of one key under `max_entries`: the newest ones, in call order.
@@ -357,8 +403,8 @@ class BoundedEntries(collections.deque):
         super().__init__(entries[len(entries) - maxlen:] if len(entries) > maxlen else entries,
                          maxlen)
         self._dropped_before = len(entries) - len(self)
-        # Yields how many entries were held or appended before each append:
-        # that append drops one iff the number is >= maxlen.
+        # Advanced once per append (and per read of `dropped`, which counts
+        # its reads): held + appended - maxlen is the number dropped.
         self.appends = itertools.count(len(self))
         self._reads = 0  # next() calls made by `dropped`, not by appends
         self.warned = False
@@ -414,10 +460,11 @@ class Scope:
 
     @policy.setter
     def policy(self, policy):
+        # The store re-points its fast sinks after this (once, not per key).
         self._policy = policy
         self.bound = policy.max_entries
         for key, entries in list(self.cache.items()):
-            self.cache[key] = self.entries_like(entries, key)
+            dict.__setitem__(self.cache, key, self.entries_like(entries, key))
 
     def new_entries(self) -> Union[List[Any], BoundedEntries]:
         """An empty entries list for this scope's bound."""
@@ -453,8 +500,8 @@ class Scope:
 
     def clear(self) -> None:
         dropped = list(self.cache.values())
-        for key in self.cache:
-            self.cache[key] = self.new_entries()
+        for key in self.cache:  # the store re-points its fast sinks after this
+            dict.__setitem__(self.cache, key, self.new_entries())
         self._dropped_earlier.clear()
         BUFFERS.give_back(dropped)
 
@@ -462,6 +509,52 @@ class Scope:
         # Pickled along with a recorder: in the receiving process, captures go
         # to that process's get_local scope (see CaptureStore.__reduce__).
         return (_process_scope, ())
+
+
+class FastSink:
+    """Where instrumented code sends an immutable value without a Python call.
+
+    The code of a function capturing one name with no `select` tests the
+    value's type inline; for int, float, str, ... (IMMUTABLE_TYPES: nothing to
+    copy) it calls `next(sink.ticks)` (only if it was instrumented under a
+    bound) and `sink.call(value)` instead of its recorder. The store keeps `call`
+    pointed at the C-level `append` of the key's list when nothing else needs
+    doing, and at `fallback` (the recorder, which does every check) otherwise:
+    a scoped() block open in some thread, a list a user replaced with
+    something else, torch loaded under a bound (checkpoint recompute must be
+    checked). Unbounded with torch loaded, `call` checks the recompute first.
+    Under a bound `ticks` is the list's append counter (for `dropped`).
+    """
+
+    __slots__ = ("call", "ticks", "key", "fallback", "counted")
+
+    def __init__(self, key: str, fallback: Callable[[Any], Any], counted: bool) -> None:
+        self.key = key
+        self.fallback = fallback
+        self.counted = counted  # whether its code calls next(ticks)
+        self.call: Callable[[Any], Any] = fallback
+        self.ticks: Iterator[Any] = _NO_TICKS
+
+    def __reduce__(self):
+        # Pickled by value with the instrumented code (cloudpickle): in the
+        # receiving process, the sink of that process's get_local store.
+        return (_process_sink, (self.key, self.fallback, self.counted))
+
+
+# The ticks of code instrumented under a bound while there is nothing to count.
+_NO_TICKS = itertools.repeat(None)
+_NEVER = object()  # a sentinel no function returns
+
+
+def _outside_backward(append, torch):
+    """`append`, except for values captured while autograd re-runs a forward."""
+    current_node = torch._C._current_autograd_node
+
+    def call(value):
+        if current_node() is None:
+            append(value)
+
+    return call
 
 
 class CaptureStore:
@@ -474,6 +567,11 @@ class CaptureStore:
     """
 
     def __init__(self):
+        # (key, counted) -> FastSink of the instrumented code capturing under
+        # it (see FastSink); re-pointed whenever what they depend on changes.
+        self._sinks: Dict[Tuple[str, bool], FastSink] = {}
+        self._sinks_lock = threading.RLock()
+        self.sinks_know_torch = False  # whether torch was loaded when they were pointed
         # Called with a key whose empty list a user reads (see CaptureCache).
         self.on_empty_read = None
         self.process_scope = Scope(self.new_cache(), StoragePolicy())
@@ -502,9 +600,13 @@ class CaptureStore:
                 return stack[-1]
         return self.process_scope
 
+    def _set_in_scope(self, attribute, value):
+        setattr(self.current(), attribute, value)
+        self.repoint()
+
     cache = property(
         lambda self: self.current().cache,
-        lambda self, value: setattr(self.current(), "cache", value),
+        lambda self, value: self._set_in_scope("cache", value),
     )
     @property
     def dropped(self):
@@ -512,8 +614,108 @@ class CaptureStore:
             return self.current().dropped
     policy = property(
         lambda self: self.current().policy,
-        lambda self, value: setattr(self.current(), "policy", value),
+        lambda self, value: self._set_in_scope("policy", value),
     )
+
+    # -- the fast path of instrumented code --------------------------------
+
+    def fast_sink(
+        self, key: str, fallback: Callable[[Any], Any], counted: bool
+    ) -> "FastSink":
+        """The FastSink for `key` and code that ticks or not (made on first use).
+
+        `fallback` is a recorder of `key`.
+        """
+        with self._sinks_lock:
+            sink = self._sinks.get((key, counted))
+            if sink is None:
+                sink = self._sinks[key, counted] = FastSink(key, fallback, counted)
+                self._point(sink)
+            return sink
+
+    def repoint(self) -> None:
+        """Point every fast sink at what the current state calls for.
+
+        Called after every change a sink depends on: which list a key of the
+        process-wide cache holds, its bound, scoped() blocks opening and
+        closing, torch being loaded.
+        """
+        if self._sinks:
+            with self._sinks_lock:
+                for sink in self._sinks.values():
+                    self._point(sink)
+
+    def _point(self, sink: "FastSink") -> None:
+        torch = sys.modules.get("torch")
+        self.sinks_know_torch = torch is not None
+        call, ticks = self._route(sink, torch)
+        sink.call, sink.ticks = call, ticks
+
+    def _route(self, sink, torch):
+        """(call, ticks) for `sink` in the current state."""
+        fallback = sink.fallback, _NO_TICKS
+        if self.open_scopes:
+            return fallback  # a thread may record into its own scope: each call must look
+        scope = self.process_scope
+        entries = dict.get(scope.cache, sink.key)
+        bound = scope.bound
+        if bound is None:
+            if type(entries) is not list:
+                return fallback  # none yet, or a user's object: the recorder deals with it
+            if torch is None:
+                return entries.append, _NO_TICKS
+            return _outside_backward(entries.append, torch), _NO_TICKS
+        if type(entries) is not BoundedEntries or entries.maxlen != bound:
+            return fallback
+        if torch is not None:
+            return self._bounded_outside_backward(sink.key, entries, bound, torch), _NO_TICKS
+        if not sink.counted:
+            return fallback  # its code was instrumented unbounded: it does not tick
+        if entries.warned:
+            return entries.append, entries.appends
+        return entries.append, self._ticks_until_full(sink, entries, bound)
+
+    def _ticks_until_full(self, sink, entries, bound):
+        """`entries.appends`, in C, but warning at the first drop.
+
+        Ticks in C while the list surely has room (one short of the room it
+        has now: a recorder may be about to append), then calls `at_the_brim`
+        before the next append: at the bound, that append drops the oldest
+        entry, so it warns and hands the sink the plain counter; else it
+        arms a new run of C ticks.
+        """
+        def ticks_for_room():
+            room = max(0, bound - len(entries) - 1)
+            return itertools.chain(
+                itertools.islice(entries.appends, room), iter(at_the_brim, _NEVER)
+            )
+
+        def at_the_brim():
+            next(entries.appends)
+            full = len(entries) >= bound
+            if sink.ticks is current[0]:
+                current[0] = sink.ticks = entries.appends if full else ticks_for_room()
+            if full and not entries.warned:
+                # warn_bound <- at_the_brim <- the captured function
+                self.warn_bound(entries, sink.key, bound, stacklevel=3)
+
+        current = [ticks_for_room()]
+        return current[0]
+
+    def _bounded_outside_backward(self, key, entries, bound, torch):
+        """Append to and count `entries`, except while autograd re-runs a forward."""
+        current_node = torch._C._current_autograd_node
+        append, appends, warn_bound = entries.append, entries.appends, self.warn_bound
+
+        def call(value):
+            if current_node() is None:
+                full = len(entries) == bound  # then this append drops the oldest
+                append(value)
+                next(appends)
+                if full and not entries.warned:
+                    warn_bound(entries, key, bound)  # <- call <- the captured function
+
+        return call
 
     def new_cache(
         self, contents: Union[Mapping[str, Any], Iterable[Tuple[str, Any]]] = ()
@@ -538,12 +740,14 @@ class CaptureStore:
         stack.append(scope)
         with self._lock:
             self.open_scopes += 1
+        self.repoint()
         try:
             yield scope.cache
         finally:
             with self._lock:
                 self.open_scopes -= 1
             stack.remove(scope)
+            self.repoint()
 
     def append(self, key: str, entry: Any) -> None:
         """Append one call's entry (already a snapshot) under `key`, in this thread's scope.
@@ -561,8 +765,10 @@ class CaptureStore:
             return
         if type(entries) is not BoundedEntries or entries.maxlen != bound:
             entries = self.bounded_entries(scope, key)
+        full = len(entries) == bound  # then this append drops the oldest
         entries.append(entry)
-        if next(entries.appends) >= bound and not entries.warned:
+        next(entries.appends)
+        if full and not entries.warned:
             self.warn_bound(entries, key, bound, stacklevel=4)
 
     def bounded_entries(self, scope: Scope, key: str) -> BoundedEntries:
@@ -596,6 +802,7 @@ class CaptureStore:
         scope = self.current()
         with self._lock:
             scope.clear()
+        self.repoint()
 
 
 def _process_store():
@@ -603,6 +810,11 @@ def _process_store():
     from .capture import get_local
 
     return get_local.store
+
+
+def _process_sink(key, fallback, counted):
+    """This process's get_local fast sink for `key`."""
+    return _process_store().fast_sink(key, fallback, counted)
 
 
 def _process_scope():

@@ -40,7 +40,7 @@ from typing import (
 
 from ._errors import VisualizerError
 from ._ranks import captures_here, validate_ranks
-from ._rewrite import instrument, local_names
+from ._rewrite import FastPath, instrument, local_names
 from ._warnings import warn_user
 from ._ranks import Ranks
 from .cache import (
@@ -235,6 +235,7 @@ class GetLocal:
             was_active, self._active = self._active, True
             for registration in list(self._registrations.values()):
                 self._install(registration)
+            self._store.repoint()  # torch may have been loaded since
         if not was_active:
             self._forget_compiled_code()
 
@@ -401,20 +402,29 @@ class GetLocal:
     def _install(self, registration):
         self._store.cache.setdefault(registration.key, [])
         registration.original_code = registration.current_code()
+        # One name and no select: immutable values take the fast path, which
+        # counts appends (a bounded cache's `dropped`) if instrumented under a bound.
+        fast = len(registration.names) == 1 and not registration.select
+        counted = fast and self._store.process_scope.bound is not None
         cache_key = (
             registration.original_code,
             registration.key,
             registration.names,
             tuple(registration.select.items()),
+            counted,
         )
         code = self._instrumented.get(cache_key)
         if code is not None:
             self._instrumented.move_to_end(cache_key)
         if code is None:
             recorder = self._make_recorder(registration)
+            fast_path = None
+            if fast:
+                sink = self._store.fast_sink(registration.key, recorder, counted)
+                fast_path = FastPath(IMMUTABLE_TYPES, sink, counted)
             try:
                 code = instrument(
-                    registration.original_code, registration.names, recorder, MISSING
+                    registration.original_code, registration.names, recorder, MISSING, fast_path
                 )
             except Exception as error:
                 raise VisualizerError(
@@ -455,6 +465,8 @@ class GetLocal:
                 value = _apply_select(chooser, value, key, name)
             if type(value) not in IMMUTABLE_TYPES:
                 if torch is not None:
+                    if not store.sinks_know_torch:
+                        store.repoint()  # torch came after: sinks must check recompute
                     if _checked_process[0] != os.getpid():
                         _checked_process[0] = os.getpid()
                         warn_child_process(key, torch)
@@ -517,8 +529,10 @@ class GetLocal:
                     return
                 if type(entries) is not BoundedEntries or entries.maxlen != bound:
                     entries = store.bounded_entries(scope, key)
+                full = len(entries) == bound  # then this append drops the oldest
                 entries.append(value)
-                if next(entries.appends) >= bound and not entries.warned:
+                next(entries.appends)
+                if full and not entries.warned:
                     store.warn_bound(entries, key, bound)
 
             return record
