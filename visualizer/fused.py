@@ -571,10 +571,19 @@ def _attention_weights(
             scores = torch.where(mask, scores, -math.inf)
         else:
             scores = scores + mask.to(compute_dtype)
-    weights = torch.softmax(scores, dim=-1)
+    # PyTorch's kernels give a query with every key masked a zero output.
+    dead_rows = None
     if attn_mask is not None or causal_offset is not None:
-        # PyTorch's kernels give a query with every key masked a zero output.
-        weights = weights.masked_fill(scores.amax(-1, keepdim=True) == -math.inf, 0)
+        dead_rows = scores.amax(-1, keepdim=True) == -math.inf
+    if scores.device.type == "cpu":
+        # In place: `scores` is this function's own fresh tensor, and on CPU
+        # a second (L, S) map per head is fresh memory whose page faults cost
+        # more than the softmax (CUDA's caching allocator has no such cost).
+        weights = torch.softmax(scores, dim=-1, out=scores)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    if dead_rows is not None:
+        weights = weights.masked_fill_(dead_rows, 0)
     return weights.to(query.dtype)
 
 
