@@ -67,6 +67,7 @@ it is what the wall time would be on an idle machine. `--clock wall` times
 wall-clock instead; the other clock's median is reported beside it.
 """
 import argparse
+import importlib.util
 import gc
 import glob
 import json
@@ -139,6 +140,10 @@ def recorder_child(settings):
 
     rounds, number = settings["rounds"], settings["number"]
     clock = CLOCKS[settings["clock"]]
+    if settings.get("torch"):
+        # Loaded before capture is on, as in a model's process: immutable
+        # values then also pay the check for activation-checkpoint recompute.
+        import torch  # noqa: F401
     warnings.simplefilter("ignore", RuntimeWarning)  # the bound's one-time notice
 
     def decorated(**policy):
@@ -186,7 +191,7 @@ def recorder_child(settings):
             if clear is not None:
                 clear()
     return {
-        "python": platform.python_version(),
+        "python": platform.python_version() + (" + torch" if settings.get("torch") else ""),
         "implementation": sys.implementation.name,
         "bytecode": bytecode_version,
         "capture_module": sys.modules["visualizer.capture"].__file__,
@@ -230,9 +235,14 @@ def recorder_section(args, report):
     )
     environment.pop("VISUALIZER_CAPTURE", None)
     runs, failures = [], list(missing)
-    for label, python in pythons:
+    children = [(label, python, settings) for label, python in pythons]
+    if importlib.util.find_spec("torch") is not None:
+        children.append((f"{sys.version.split()[0]} with torch imported", sys.executable,
+                         {**settings, "torch": True}))
+    for label, python, child_settings in children:
         log(f"    Python {label}: {python}")
-        command = [python, str(Path(__file__).resolve()), "--child-recorder", json.dumps(settings)]
+        command = [python, str(Path(__file__).resolve()), "--child-recorder",
+                   json.dumps(child_settings)]
         done = subprocess.run(command, capture_output=True, text=True, env=environment)
         if done.returncode != 0:
             failures.append(f"{python}: exit {done.returncode}: {done.stderr.strip()[-400:]}")
