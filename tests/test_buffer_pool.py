@@ -50,6 +50,34 @@ def test_an_entry_a_user_still_holds_is_never_written(gl, doubled, hold):
     assert not np.shares_memory(np.asarray(held), gl.cache[doubled.__qualname__][0])
 
 
+@pytest.mark.parametrize("bound", [None, 5])
+def test_a_list_a_user_took_before_clear_keeps_its_contents(gl, doubled, bound):
+    gl.activate(max_entries=bound)
+    doubled(maps(0))
+    held = gl.cache[doubled.__qualname__]  # the list, not its arrays
+    gl.clear()
+    doubled(maps(1))
+    np.testing.assert_array_equal(held[0], (maps(0) * 2).numpy())
+    assert not np.shares_memory(held[0], gl.cache[doubled.__qualname__][0])
+
+
+def test_an_entry_of_several_names_a_user_holds_keeps_its_arrays(gl):
+    @gl("attn", "scores")
+    def forward(x):
+        scores = x + 1  # noqa: F841 - captured
+        attn = x * 2
+        return attn
+
+    gl.activate()
+    forward(maps(0))
+    held = gl.cache[forward.__qualname__][0]  # the dict of one call
+    gl.clear()
+    forward(maps(1))
+    np.testing.assert_array_equal(held["attn"], (maps(0) * 2).numpy())
+    np.testing.assert_array_equal(held["scores"], (maps(0) + 1).numpy())
+    gl.deactivate()
+
+
 def test_several_names_dtype_policy_and_shapes_are_matched(gl):
     @gl("attn", "scores")
     def forward(x):

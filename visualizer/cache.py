@@ -286,17 +286,25 @@ class BufferPool:
             free = self._free.get((tuple(tensor.shape), numpy_dtype))
             return free.pop() if free else None
 
-    def give_back(self, entries_lists: Iterable[Iterable[Any]]) -> None:
-        """Take the unreferenced arrays of these entry lists, which the caller is dropping."""
+    def give_back(self, entries_lists: List[Iterable[Any]]) -> None:
+        """Take the unreferenced arrays of these entry lists, which the caller is dropping.
+
+        A list (or a dict entry of several names) that something else still
+        references keeps its arrays: a user who took the list from the cache
+        before clear() keeps its contents.
+        """
         taken: Dict[Tuple[Tuple[int, ...], np.dtype], List[np.ndarray]] = {}
         for entries in entries_lists:
+            # References: `entries_lists`'s, `entries`'s and getrefcount's own.
+            if sys.getrefcount(entries) - 3:
+                continue
             for entry in entries:
                 if type(entry) is np.ndarray:
                     # References: the list's, `entry`'s and getrefcount's own.
                     others = sys.getrefcount(entry) - 3
                     self._keep(entry, others, taken)
-                elif type(entry) is dict:  # several names: the dict's, `value`'s, getrefcount's
-                    for value in entry.values():
+                elif type(entry) is dict and sys.getrefcount(entry) - 3 == 0:
+                    for value in entry.values():  # the dict's, `value`'s, getrefcount's
                         if type(value) is np.ndarray:
                             others = sys.getrefcount(value) - 3
                             self._keep(value, others, taken)
@@ -498,12 +506,13 @@ class Scope:
                     counts[key] = counts.get(key, 0) + count
         return counts
 
-    def clear(self) -> None:
+    def clear(self) -> List[Any]:
+        """Put an empty list under every key; return the lists taken out."""
         dropped = list(self.cache.values())
         for key in self.cache:  # the store re-points its fast sinks after this
             dict.__setitem__(self.cache, key, self.new_entries())
         self._dropped_earlier.clear()
-        BUFFERS.give_back(dropped)
+        return dropped
 
     def __reduce__(self):
         # Pickled along with a recorder: in the receiving process, captures go
@@ -520,10 +529,11 @@ class FastSink:
     bound) and `sink.call(value)` instead of its recorder. The store keeps `call`
     pointed at the C-level `append` of the key's list when nothing else needs
     doing, and at `fallback` (the recorder, which does every check) otherwise:
-    a scoped() block open in some thread, a list a user replaced with
-    something else, torch loaded under a bound (checkpoint recompute must be
-    checked). Unbounded with torch loaded, `call` checks the recompute first.
-    Under a bound `ticks` is the list's append counter (for `dropped`).
+    a scoped() block open in some thread, no list yet or a user's object in
+    its place, a bound its code does not count. With torch loaded, `call` is
+    a small function that first checks for activation-checkpoint recompute
+    (and counts, under a bound). Under a bound `ticks` is the list's append
+    counter (for `dropped`).
     """
 
     __slots__ = ("call", "ticks", "key", "fallback", "counted")
@@ -555,6 +565,40 @@ def _outside_backward(append, torch):
             append(value)
 
     return call
+
+
+class _TicksUntilFull:
+    """The ticks of a bounded fast sink until its list is full.
+
+    `arm()` gives an iterator that ticks `entries.appends` in C while the list
+    surely has room (one short of the room it has now: a recorder may be
+    about to append), then calls `at_the_brim` before the next append: if the
+    list is full, that append drops the oldest entry, so it warns and hands
+    the sink the plain counter; else it arms a new run of C ticks. (A class,
+    not closures: closures calling each other form a cycle that would keep
+    the list alive after clear() until the garbage collector runs.)
+    """
+
+    __slots__ = ("store", "sink", "entries", "bound")
+
+    def __init__(self, store, sink, entries, bound):
+        self.store, self.sink, self.entries, self.bound = store, sink, entries, bound
+
+    def arm(self):
+        room = max(0, self.bound - len(self.entries) - 1)
+        return itertools.chain(
+            itertools.islice(self.entries.appends, room), iter(self.at_the_brim, _NEVER)
+        )
+
+    def at_the_brim(self):
+        entries, sink = self.entries, self.sink
+        next(entries.appends)
+        full = len(entries) >= self.bound
+        if sink.call == entries.append:  # else the sink was re-pointed elsewhere
+            sink.ticks = entries.appends if full else self.arm()
+        if full and not entries.warned:
+            # warn_bound <- at_the_brim <- the captured function
+            self.store.warn_bound(entries, sink.key, self.bound, stacklevel=3)
 
 
 class CaptureStore:
@@ -676,31 +720,8 @@ class CaptureStore:
         return entries.append, self._ticks_until_full(sink, entries, bound)
 
     def _ticks_until_full(self, sink, entries, bound):
-        """`entries.appends`, in C, but warning at the first drop.
-
-        Ticks in C while the list surely has room (one short of the room it
-        has now: a recorder may be about to append), then calls `at_the_brim`
-        before the next append: at the bound, that append drops the oldest
-        entry, so it warns and hands the sink the plain counter; else it
-        arms a new run of C ticks.
-        """
-        def ticks_for_room():
-            room = max(0, bound - len(entries) - 1)
-            return itertools.chain(
-                itertools.islice(entries.appends, room), iter(at_the_brim, _NEVER)
-            )
-
-        def at_the_brim():
-            next(entries.appends)
-            full = len(entries) >= bound
-            if sink.ticks is current[0]:
-                current[0] = sink.ticks = entries.appends if full else ticks_for_room()
-            if full and not entries.warned:
-                # warn_bound <- at_the_brim <- the captured function
-                self.warn_bound(entries, sink.key, bound, stacklevel=3)
-
-        current = [ticks_for_room()]
-        return current[0]
+        """`entries.appends`, in C, but warning at the first drop (see _TicksUntilFull)."""
+        return _TicksUntilFull(self, sink, entries, bound).arm()
 
     def _bounded_outside_backward(self, key, entries, bound, torch):
         """Append to and count `entries`, except while autograd re-runs a forward."""
@@ -801,8 +822,9 @@ class CaptureStore:
         """
         scope = self.current()
         with self._lock:
-            scope.clear()
-        self.repoint()
+            dropped = scope.clear()
+        self.repoint()  # first: a sink pointing at an old list references it
+        BUFFERS.give_back(dropped)
 
 
 def _process_store():
