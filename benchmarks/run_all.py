@@ -9,9 +9,12 @@
 
 The report (markdown, ready to paste into the README) goes to stdout; progress
 goes to stderr. Every figure is measured in this run, in this process (section
-(a): one subprocess per Python), variants interleaved round-robin: one
-measurement of each variant per round, the starting variant rotating from
-round to round, so drift in the machine's load touches all variants alike.
+(a): one subprocess per Python), variants interleaved: one measurement of each
+variant per round, so drift in the machine's load touches all variants alike.
+Whole forwards run in a new (seeded) random order every round: a forward's
+page faults cost more or less depending on what the one before it freed or
+kept (on this project's VM, up to 2x), so no variant may always follow the
+same neighbour. Section (a) rotates the starting variant instead.
 Ratios are paired: computed per round against the baseline measured in that
 same round, then summarised as median (interquartile range).
 
@@ -71,6 +74,7 @@ import importlib.util
 import gc
 import glob
 import json
+import random
 import os
 import subprocess
 import sys
@@ -361,7 +365,7 @@ def run_slot(slot, clocks, inspect=None):
 
 
 def measure(slots, rounds, clocks, label):
-    """{slot name: {clock: [ms per round]}}, slots interleaved round-robin."""
+    """{slot name: {clock: [ms per round]}}, slots interleaved in a new order each round."""
     times = {slot.name: {name: [] for name in clocks} for slot in slots}
     # What exists now (modules, models, maps kept for the copies) is never
     # garbage: frozen, so the collection after every slot scans only what the
@@ -369,8 +373,9 @@ def measure(slots, rounds, clocks, label):
     gc.collect()
     gc.freeze()
     started = time.perf_counter()
+    order = random.Random(0)  # seeded: a rerun measures in the same orders
     for round_index in range(rounds):
-        for slot in rotated(slots, round_index):
+        for slot in order.sample(slots, len(slots)):
             measured, _ = run_slot(slot, clocks)
             for name, value in measured.items():
                 times[slot.name][name].append(value)

@@ -1,5 +1,6 @@
 """Cleared entries' arrays are reused as copy destinations, never while a user holds them."""
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -61,13 +62,21 @@ def test_a_list_a_user_took_before_clear_keeps_its_contents(gl, doubled, bound):
     assert not np.shares_memory(held[0], gl.cache[doubled.__qualname__][0])
 
 
-def test_an_entry_of_several_names_a_user_holds_keeps_its_arrays(gl):
+@pytest.fixture
+def two_names(gl):
+    """A function capturing two names: entries are dicts of two arrays."""
     @gl("attn", "scores")
     def forward(x):
         scores = x + 1  # noqa: F841 - captured
         attn = x * 2
         return attn
 
+    yield forward
+    gl.deactivate()
+
+
+def test_an_entry_of_several_names_a_user_holds_keeps_its_arrays(gl, two_names):
+    forward = two_names
     gl.activate()
     forward(maps(0))
     held = gl.cache[forward.__qualname__][0]  # the dict of one call
@@ -75,16 +84,10 @@ def test_an_entry_of_several_names_a_user_holds_keeps_its_arrays(gl):
     forward(maps(1))
     np.testing.assert_array_equal(held["attn"], (maps(0) * 2).numpy())
     np.testing.assert_array_equal(held["scores"], (maps(0) + 1).numpy())
-    gl.deactivate()
 
 
-def test_several_names_dtype_policy_and_shapes_are_matched(gl):
-    @gl("attn", "scores")
-    def forward(x):
-        scores = x + 1  # noqa: F841 - captured
-        attn = x * 2
-        return attn
-
+def test_several_names_dtype_policy_and_shapes_are_matched(gl, two_names):
+    forward = two_names
     gl.activate(dtype="float16")
     forward(maps(0))
     gl.clear()
@@ -94,7 +97,6 @@ def test_several_names_dtype_policy_and_shapes_are_matched(gl):
     assert entries[0]["attn"].shape == (4, 6, 100, 200)
     np.testing.assert_array_equal(entries[1]["attn"], (maps(2) * 2).numpy().astype(np.float16))
     np.testing.assert_array_equal(entries[1]["scores"], (maps(2) + 1).numpy().astype(np.float16))
-    gl.deactivate()
 
 
 def test_switching_capture_off_lets_go_of_the_pool(gl, doubled):
@@ -103,6 +105,15 @@ def test_switching_capture_off_lets_go_of_the_pool(gl, doubled):
     assert BUFFERS._free  # one array waits for the next copy
     gl.deactivate()
     assert not BUFFERS._free
+
+
+def test_a_clear_while_capture_is_off_frees_the_arrays(gl, doubled):
+    doubled(maps(0))
+    gl.deactivate()
+    entry = weakref.ref(gl.cache[doubled.__qualname__][0])
+    gl.clear()  # nothing will copy into them: they go, not to the pool
+    assert not BUFFERS._free
+    assert entry() is None
 
 
 def test_the_pool_holds_at_most_one_clear_s_worth(gl, doubled):

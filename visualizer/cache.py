@@ -814,17 +814,19 @@ class CaptureStore:
             stacklevel=stacklevel,
         )
 
-    def clear(self):
+    def clear(self, recycle: bool = True) -> None:
         """Empty every list of this thread's scope, keeping the keys (as the original did).
 
         New lists are put in place, so lists a user took from the cache keep
-        their contents.
+        their contents. `recycle`: hand the arrays nothing else references to
+        the buffer pool, for the next copies (else they are freed).
         """
         scope = self.current()
         with self._lock:
             dropped = scope.clear()
         self.repoint()  # first: a sink pointing at an old list references it
-        BUFFERS.give_back(dropped)
+        if recycle:
+            BUFFERS.give_back(dropped)
 
 
 def _process_store():

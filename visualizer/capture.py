@@ -395,7 +395,9 @@ class GetLocal:
 
     def clear(self) -> None:
         """Empty the cache (keys stay, each with a new empty list)."""
-        self._store.clear()
+        # While capture is on the next forward copies into the cleared arrays
+        # (see BufferPool); while off, nothing would, so they are let go.
+        self._store.clear(recycle=self._active)
 
     # -- instrumentation --------------------------------------------------
 
