@@ -14,7 +14,7 @@ with `get_local` or with `capture_attention` (full maps).
 
 - time: milliseconds of one forward (wall time; with --cpu-time this
   process's CPU time), all configurations measured in this run, interleaved
-  round-robin (one forward of each per round, so drift in the machine's load
+  (one forward of each per round, in a new random order, so drift in the machine's load
   touches all alike), after one warm-up forward each: median and
   interquartile range over the rounds, and the ratio to the plain fused
   forward of the same round, as median and interquartile range of those
@@ -42,6 +42,7 @@ torch.cuda.max_memory_allocated above torch.cuda.memory_allocated.
 import argparse
 import contextlib
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -115,13 +116,19 @@ def synchronize(device):
 
 
 def time_configs(image_size, patch, device, repeats, clock):
-    """Milliseconds of one forward per config and round, the configs interleaved round-robin."""
+    """Milliseconds of one forward per config and round, the configs interleaved.
+
+    Each round runs them in a new (seeded) random order: a forward's page faults
+    cost more or less depending on what the forward before it freed, so no
+    config may always follow the same one (see benchmarks/run_all.py).
+    """
     model, images = build(image_size, patch, device)
     times = {config: [] for config in CONFIGS}
     for config in CONFIGS:
         forward(model, images, config)  # warm-up
+    order = random.Random(0)
     for _ in range(repeats):
-        for config in CONFIGS:
+        for config in order.sample(list(CONFIGS), len(CONFIGS)):
             synchronize(device)
             start = clock()
             forward(model, images, config)
