@@ -724,7 +724,12 @@ class CaptureStore:
         return _TicksUntilFull(self, sink, entries, bound).arm()
 
     def _bounded_outside_backward(self, key, entries, bound, torch):
-        """Append to and count `entries`, except while autograd re-runs a forward."""
+        """Append to and count `entries`, except while autograd re-runs a forward.
+
+        The store's `append`, specialised to one list: calling
+        `self.append(key, value)` instead measured 2.3x slower per call (it
+        looks up the scope and the list each time). Keep the two in step.
+        """
         current_node = torch._C._current_autograd_node
         append, appends, warn_bound = entries.append, entries.appends, self.warn_bound
 
