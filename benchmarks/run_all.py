@@ -43,6 +43,10 @@ same round, then summarised as median (interquartile range).
     (on the CPU, `.numpy()` alone shares the tensor's memory: `.copy()` makes
     it store a copy, as get_local does); `capture_attention(model)` (full maps,
     on the model whose forward carries no decorator: its softmax watch);
+    get_local (default and keep_on_device=True) and capture_attention in a
+    capture/look/clear loop with capture kept on, where the previous forward's
+    maps, cleared, are the destinations of the copies (the buffer pool; that
+    forward runs untimed before the timed one);
     TorchLens, if installed, saving the 12 softmax outputs; and the copy
     bound: the same bytes (the 12 maps of one forward, kept from the warm-up)
     copied with np.copyto into warm buffers allocated once, and into fresh
@@ -559,22 +563,37 @@ def forward_geometry(args, report, clocks, label, size, patch, batch, *, Attenti
     # get_local's buffer pool and the next forward copies into them. Its first
     # forward (untimed, in begin) fills the pool: the other variants switch
     # capture off after their forward, which empties it.
-    def pooled_begin():
-        use_attention(model, Decorated)
-        get_local.activate()
-        body()
-        get_local.clear()
+    def pooled_begin(**policy):
+        def begin():
+            use_attention(model, Decorated)
+            get_local.activate(**policy)
+            body()
+            get_local.clear()
+        return begin
 
-    slots.append(Slot(
-        "get_local, default, after a clear() (pooled buffers)", body, pooled_begin,
-        get_local_off, maps=lambda _: list(get_local.cache[key]),
-    ))
+    for name, policy in [
+        ("get_local, default, after a clear() (pooled buffers)", {}),
+        ("get_local, keep_on_device=True, after a clear() (pooled)", {"keep_on_device": True}),
+    ]:
+        slots.append(Slot(name, body, pooled_begin(**policy), get_local_off,
+                          maps=lambda _: list(get_local.cache[key])))
     slots.append(Slot("original technique + .copy()", body, using(Original),
                       lambda: original_store["Attention.forward"].clear(),
                       maps=lambda _: list(original_store["Attention.forward"])))
+
+    def recorded_maps(_):
+        return [m for ms in recorder["on"].maps.values() for m in ms]
+
+    def start_recorder_pooled():
+        use_attention(model, Attention)
+        start_recorder()
+        body()
+        recorder["on"].maps.clear()
+
     slots.append(Slot("capture_attention(model)", body, using(Attention, start_recorder),
-                      stop_recorder,
-                      maps=lambda _: [m for ms in recorder["on"].maps.values() for m in ms]))
+                      stop_recorder, maps=recorded_maps))
+    slots.append(Slot("capture_attention(model), after maps.clear() (pooled)", body,
+                      start_recorder_pooled, stop_recorder, maps=recorded_maps))
     if torchlens is not None:
         slot = torchlens_slot(torchlens, model, images, no_grad)
         slot.begin = using(Attention)

@@ -124,3 +124,128 @@ def test_the_pool_holds_at_most_one_clear_s_worth(gl, doubled):
         gl.clear()  # three arrays wait
         gl.clear()  # nothing was copied in between: the three go, none come
     assert not BUFFERS._free
+
+
+# -- tensors kept on the CPU: keep_on_device=True ------------------------------
+
+
+def backing(entry):
+    """A weak reference to the array under an entry's memory: alive while the pool keeps it.
+
+    (Addresses are no proof of reuse: freed memory often comes back at the same address.)
+    """
+    if isinstance(entry, np.ndarray):
+        return weakref.ref(entry)
+    return weakref.ref(BUFFERS._lent[id(entry)][1])  # the array lend() copied into
+
+
+def reused(entry, memory):
+    return memory() is not None and np.shares_memory(np.asarray(entry), memory())
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_a_cleared_cpu_tensor_s_memory_is_the_next_copy_s_destination(gl, doubled, dtype):
+    gl.activate(keep_on_device=True, dtype=dtype)
+    doubled(maps(0))
+    memory = backing(gl.cache[doubled.__qualname__][0])
+    gl.clear()
+    doubled(maps(1))
+    (entry,) = gl.cache[doubled.__qualname__]
+    assert isinstance(entry, torch.Tensor) and reused(entry, memory)  # warm memory
+    expected = maps(1) * 2
+    if dtype is not None:
+        expected = expected.to(torch.float16)
+    assert entry.dtype == expected.dtype and not entry.requires_grad
+    assert torch.equal(entry, expected)
+
+
+@pytest.mark.parametrize("hold", [
+    lambda entry: entry,                       # the tensor itself
+    lambda entry: entry[1:],                   # a view of it (no Python reference to it)
+    lambda entry: entry.numpy(),               # an array sharing its memory
+    lambda entry: entry.untyped_storage(),     # its storage
+])
+def test_a_cpu_tensor_a_user_still_holds_is_never_written(gl, doubled, hold):
+    gl.activate(keep_on_device=True)
+    doubled(maps(0))
+    held = hold(gl.cache[doubled.__qualname__][0])
+    memory = backing(gl.cache[doubled.__qualname__][0])
+    expected = (maps(0) * 2).flatten()
+    gl.clear()
+    doubled(maps(1))
+    doubled(maps(2))  # a second copy of the same shape: the pool has nothing for it either
+    assert not any(reused(entry, memory) for entry in gl.cache[doubled.__qualname__])
+    as_tensor = torch.as_tensor(held) if not isinstance(held, torch.UntypedStorage) else (
+        torch.tensor([], dtype=torch.float32).set_(held))
+    assert torch.equal(as_tensor.flatten(), expected[-as_tensor.numel():])
+
+
+def test_small_strided_and_bfloat16_tensors_are_plain_copies(gl, doubled):
+    gl.activate(keep_on_device=True)
+    small = torch.randn(4, 4)
+    strided = maps(0).transpose(-1, -2)  # a clone keeps its strides
+    doubled(small)
+    doubled(strided)
+    gl.activate(keep_on_device=True, dtype="bfloat16")
+    doubled(maps(0))
+    entries = gl.cache[doubled.__qualname__]
+    assert torch.equal(entries[0], small * 2)
+    assert entries[1].stride() == strided.stride() and torch.equal(entries[1], strided * 2)
+    assert entries[2].dtype == torch.bfloat16
+    assert not {id(entry) for entry in entries} & set(BUFFERS._lent)  # none lent by the pool
+
+
+def test_a_lent_tensor_that_dies_without_clear_leaves_nothing_behind(gl, doubled):
+    gl.activate(keep_on_device=True, max_entries=1)
+    before = set(BUFFERS._lent)  # tensors of other tests that are not collected yet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(3):
+            doubled(maps(seed))  # the bound drops the older tensors
+    assert set(BUFFERS._lent) - before == {id(gl.cache[doubled.__qualname__][0])}
+    assert torch.equal(gl.cache[doubled.__qualname__][0], maps(2) * 2)
+
+
+# -- capture_attention's maps: AttentionMaps.clear() ----------------------------
+
+
+class SoftmaxAttention(torch.nn.Module):
+    """The explicit softmax of timm's Attention, on given scores."""
+
+    def forward(self, scores):
+        return scores.softmax(-1) * 1.0
+
+
+@pytest.mark.parametrize("keep_on_device", [False, True])
+def test_attention_maps_clear_recycles_while_recording(keep_on_device):
+    from visualizer import capture_attention
+
+    module = SoftmaxAttention()
+    recorder = capture_attention(module, keep_on_device=keep_on_device)
+
+    with recorder as recorded:
+        module(maps(0))
+        first = backing(recorded[""][0])
+        held = recorded[""]  # a list taken before clear() keeps its map
+        recorded.clear()
+        module(maps(1))
+        assert held[0] is not recorded[""][0]
+        module(maps(2))
+        del held
+        recorded.clear()
+        module(maps(3))
+        (entry,) = recorded[""]
+        assert not reused(entry, first)  # the held list's map was not reused...
+        np.testing.assert_array_equal(np.asarray(entry), maps(3).softmax(-1).numpy())
+        third = backing(entry)
+        del entry
+        recorded.clear()
+        module(maps(4))
+        (entry,) = recorded[""]  # ...but the next clear() hands its memory on
+        np.testing.assert_array_equal(np.asarray(entry), maps(4).softmax(-1).numpy())
+        assert reused(entry, third)
+        del entry
+    assert not BUFFERS._free  # stopping lets go of the pool
+    last = weakref.ref(recorder.maps[""][0])
+    recorder.maps.clear()  # not recording: frees, pools nothing
+    assert last() is None and not BUFFERS._free

@@ -78,7 +78,7 @@ from ._errors import VisualizerError
 from ._modes import push_mode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
 from ._warnings import warn_user
-from .cache import MISSING, StoragePolicy, snapshot
+from .cache import BUFFERS, MISSING, StoragePolicy, snapshot
 from .capture import get_local
 from .fused import (
     CheckedSelection,
@@ -150,6 +150,24 @@ class AttentionMaps(_MapsBase):
     def __init__(self) -> None:
         super().__init__()
         self.dropped: Dict[str, int] = {}
+        # Set while the recorder filling these maps records: clear() then
+        # recycles the arrays for the next maps' copies.
+        self._recycle = False
+
+    def clear(self) -> None:
+        """Drop every map and the counts of dropped entries.
+
+        While the recorder records, arrays nothing else references (nor a
+        view, nor a tensor sharing their memory) become the destinations of
+        the next maps' copies: a record/look/clear loop copies into warm
+        memory instead of faulting fresh pages in on every forward. Lists a
+        user took before clear() keep their contents.
+        """
+        dropped = list(self.values())
+        super().clear()
+        self.dropped.clear()
+        if getattr(self, "_recycle", False):  # unpickled maps have no recorder
+            BUFFERS.give_back(dropped)
 
     def stack(self, modules: Optional[Globs] = None, call: Optional[int] = None) -> MapEntry:
         """The maps of several modules as one (L, B, H, Q, K) array, in key order.
@@ -390,6 +408,7 @@ class AttentionRecorder:
         self._defer = get_local.deferring_to_fused()
         self._defer.__enter__()
         self._eager = _compiled_code_runs_eagerly()
+        self.maps._recycle = True
 
     def stop(self) -> None:
         """Take the hooks off; warn if the model ran and no attention was captured."""
@@ -404,6 +423,9 @@ class AttentionRecorder:
         for unwrap in self._wrapped:
             unwrap()
         self._handles, self._wrapped = [], []
+        if self.maps._recycle:
+            self.maps._recycle = False
+            BUFFERS.release()  # no copies follow: let go of what maps.clear() pooled
         if self._defer is not None:
             self._defer.__exit__(None, None, None)
             self._defer = None

@@ -13,9 +13,11 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import sys
 import threading
 import warnings
+import weakref
 
 from typing import (
     TYPE_CHECKING,
@@ -29,6 +31,7 @@ from typing import (
     Mapping,
     NoReturn,
     Optional,
+    Sequence,
     Tuple,
     Union,
     cast,
@@ -231,7 +234,12 @@ def _snapshot_tensor(torch: Any, tensor: Any, policy: StoragePolicy, owned: bool
     if policy.detach:
         tensor = tensor.detach()
     if policy.keep_on_device:
-        if dtype is not None and dtype != tensor.dtype:
+        converting = dtype is not None and dtype != tensor.dtype
+        if policy.detach and (converting or not owned) and tensor.device.type == "cpu":
+            lent = BUFFERS.lend(torch, tensor, dtype)
+            if lent is not None:
+                return lent
+        if converting:
             return tensor.to(dtype)
         # detach=False is for autograd: the very tensor of the graph is kept.
         return tensor.clone() if policy.detach and not owned else tensor
@@ -257,12 +265,19 @@ class BufferPool:
     In a capture/look/clear loop the next forward copies maps of the same
     shapes, so clear() hands its arrays here and copies go to warm memory.
 
-    Only arrays nothing else references are taken back (a user's reference,
-    a view of it or a tensor sharing its memory keeps it out: checked with
-    the reference count when the cache is cleared), so an entry a user holds
-    is never written. Each clear() first lets go of the buffers the previous
-    one gave and no copy used, and deactivating capture lets go of all: the
-    pool never holds more than one clear's worth of arrays.
+    Tensors kept on the CPU (`keep_on_device=True`) are recycled too: their
+    copies are made by `lend()` into a numpy array, with `torch.from_numpy`,
+    so the array's reference count says whether any tensor still uses its
+    memory (every view of the tensor shares a storage that references the
+    array; torch offers no public count of a storage's users).
+
+    A buffer is handed out only when nothing else references it (a user's
+    reference, a view or a tensor sharing its memory keeps it out: checked
+    with the reference count when the cache is cleared and again when it is
+    taken), so an entry a user holds is never written. Each clear() first lets
+    go of the buffers the previous one gave and no copy used, and deactivating
+    capture lets go of all: the pool never holds more than one clear's worth
+    of arrays.
     """
 
     # Smaller arrays come from warm allocator memory anyway.
@@ -271,22 +286,84 @@ class BufferPool:
     def __init__(self) -> None:
         self._free: Dict[Tuple[Tuple[int, ...], np.dtype], List[np.ndarray]] = {}
         self._lock = threading.Lock()
-        self._numpy_dtypes: Dict[Any, np.dtype] = {}
+        self._numpy_dtypes: Dict[Any, Optional[np.dtype]] = {}
+        # id(tensor) -> (a weak reference to it, the array under its memory),
+        # for the tensors lend() made that are alive.
+        self._lent: Dict[int, Tuple[Any, np.ndarray]] = {}
+
+    def _numpy_dtype(self, torch: Any, torch_dtype: Any) -> Optional[np.dtype]:
+        """numpy's dtype for a torch dtype; None where numpy has none (bfloat16)."""
+        try:
+            return self._numpy_dtypes[torch_dtype]
+        except KeyError:
+            pass
+        try:
+            numpy_dtype: Optional[np.dtype] = torch.empty((), dtype=torch_dtype).numpy().dtype
+        except (TypeError, RuntimeError):  # bfloat16; quantized dtypes
+            numpy_dtype = None
+        self._numpy_dtypes[torch_dtype] = numpy_dtype
+        return numpy_dtype
+
+    def _pop(self, shape: Tuple[int, ...], numpy_dtype: np.dtype) -> Optional[np.ndarray]:
+        with self._lock:
+            free = self._free.get((shape, numpy_dtype))
+            while free:
+                buffer = free.pop()
+                # References: `buffer`'s and getrefcount's own. One more is a
+                # tensor lend() made (or a view of it) that a user still holds.
+                if sys.getrefcount(buffer) == 2:
+                    return buffer
+        return None
 
     def take(self, torch: Any, tensor: Any, dtype: Any) -> Optional[np.ndarray]:
         """A free array for a copy of `tensor` as `dtype` (None: its own), or None."""
         if not self._free:
             return None
-        torch_dtype = dtype if dtype is not None else tensor.dtype
-        numpy_dtype = self._numpy_dtypes.get(torch_dtype)
+        numpy_dtype = self._numpy_dtype(torch, dtype if dtype is not None else tensor.dtype)
         if numpy_dtype is None:
-            numpy_dtype = torch.empty((), dtype=torch_dtype).numpy().dtype
-            self._numpy_dtypes[torch_dtype] = numpy_dtype
-        with self._lock:
-            free = self._free.get((tuple(tensor.shape), numpy_dtype))
-            return free.pop() if free else None
+            return None
+        return self._pop(tuple(tensor.shape), numpy_dtype)
 
-    def give_back(self, entries_lists: List[Iterable[Any]]) -> None:
+    def lend(self, torch: Any, tensor: Any, dtype: Any) -> Optional[Any]:
+        """A copy of CPU `tensor` as `dtype` (None: its own) into `empty()`'s memory; None
+        where the pool cannot help (see there) or a clone differs (a strided tensor keeps
+        its strides, a subclass or sparse tensor its kind).
+        """
+        if (
+            type(tensor) is not torch.Tensor
+            or tensor.layout != torch.strided
+            or not tensor.is_contiguous()
+        ):
+            return None
+        lent = self.empty(torch, tuple(tensor.shape), dtype if dtype is not None else tensor.dtype)
+        if lent is not None:
+            lent.copy_(tensor)
+        return lent
+
+    def empty(self, torch: Any, shape: Tuple[int, ...], torch_dtype: Any) -> Optional[Any]:
+        """A new CPU tensor, uninitialised, whose memory the pool can take back at a clear():
+        a cleared entry's where one fits. None for a small tensor (warm memory anyway) and
+        a dtype numpy has not (bfloat16).
+        """
+        numpy_dtype = self._numpy_dtype(torch, torch_dtype)
+        if numpy_dtype is None or math.prod(shape) * numpy_dtype.itemsize < self.MIN_BYTES:
+            return None
+        buffer = self._pop(shape, numpy_dtype) if self._free else None
+        if buffer is None:
+            # From torch's allocator, as a clone would be: numpy asks for
+            # transparent huge pages, whose first touch costs more on some machines.
+            buffer = torch.empty(shape, dtype=torch_dtype).numpy()
+        tensor = torch.from_numpy(buffer)
+        key = id(tensor)
+
+        def forget(_: Any) -> None:
+            # The tensor died: its id may be reused. The array lives on while a view uses it.
+            self._lent.pop(key, None)
+
+        self._lent[key] = (weakref.ref(tensor, forget), buffer)
+        return tensor
+
+    def give_back(self, entries_lists: Sequence[Iterable[Any]]) -> None:
         """Take the unreferenced arrays of these entry lists, which the caller is dropping.
 
         A list (or a dict entry of several names) that something else still
@@ -308,6 +385,10 @@ class BufferPool:
                         if type(value) is np.ndarray:
                             others = sys.getrefcount(value) - 3
                             self._keep(value, others, taken)
+                        elif self._lent:
+                            self._keep_lent(value, taken)
+                elif self._lent:
+                    self._keep_lent(entry, taken)
         with self._lock:
             self._free = taken  # the previous clear's leftovers go
 
@@ -319,6 +400,14 @@ class BufferPool:
             and array.flags.writeable
         ):
             taken.setdefault((array.shape, array.dtype), []).append(array)
+
+    def _keep_lent(self, tensor: Any, taken: Dict[Any, Any]) -> None:
+        """The array under a tensor lend() made; whether it is free is checked when taken
+        (the tensor, alive until the caller drops its list, references it now)."""
+        lent = self._lent.pop(id(tensor), None)
+        if lent is not None:
+            buffer = lent[1]
+            taken.setdefault((buffer.shape, buffer.dtype), []).append(buffer)
 
     def release(self) -> None:
         """Let go of every free array."""
