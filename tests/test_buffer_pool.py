@@ -249,3 +249,44 @@ def test_attention_maps_clear_recycles_while_recording(keep_on_device):
     last = weakref.ref(recorder.maps[""][0])
     recorder.maps.clear()  # not recording: frees, pools nothing
     assert last() is None and not BUFFERS._free
+
+
+# -- maps the fused path computes (sdpa_capture): computed into pooled memory ----
+
+
+def fused_attention(query):
+    return torch.nn.functional.scaled_dot_product_attention(query, query, query)
+
+
+def weights_by_hand(query):
+    return (query @ query.transpose(-2, -1) / query.shape[-1] ** 0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("keep_on_device", [False, True])
+def test_fused_maps_are_computed_into_cleared_maps_memory(keep_on_device):
+    from visualizer import get_local
+    from visualizer.fused import sdpa_capture
+
+    key = fused_attention.__qualname__
+    with sdpa_capture.capture(keep_on_device=keep_on_device) as cache:
+        fused_attention(maps(0))
+        memory = backing(cache[key][0])
+        for seed in range(1, 4):  # every round the same memory: no chain of wrappers grows
+            get_local.clear()
+            fused_attention(maps(seed))
+            (entry,) = cache[key]
+            assert reused(entry, memory)
+            if not keep_on_device:
+                assert entry is memory()  # the array itself, not a view of a view of it
+            np.testing.assert_allclose(
+                np.asarray(entry), weights_by_hand(maps(seed)).numpy(), atol=1e-6)
+            del entry
+        held = cache[key][0][0]  # a view: its memory must not be computed into
+        get_local.clear()
+        fused_attention(maps(9))
+        assert not reused(cache[key][0], memory)
+        np.testing.assert_allclose(np.asarray(held), weights_by_hand(maps(3))[0].numpy(),
+                                   atol=1e-6)
+        get_local.clear()
+        assert BUFFERS._free
+    assert not BUFFERS._free  # the block was the last capture: the pool lets go

@@ -145,34 +145,39 @@ BATCH, TOKENS, DIM, HEADS = 3, 9, 32, 4
 ATTENTION_KEY, BLOCK_KEY = "TimmAttention.forward", "TimmBlock.forward"
 
 
-def padding_mask(device):
-    keep = torch.ones(BATCH, 1, 1, TOKENS, dtype=torch.bool, device=device)
+def padding_mask(device, tokens=TOKENS):
+    keep = torch.ones(BATCH, 1, 1, tokens, dtype=torch.bool, device=device)
     keep[1, ..., -3:] = False
     return keep
 
 
-def additive_mask(device):
+def additive_mask(device, tokens=TOKENS):
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(1, HEADS, TOKENS, TOKENS, generator=generator).to(device)
+    return torch.randn(1, HEADS, tokens, tokens, generator=generator).to(device)
 
 
 CASES = {
-    "plain": ({}, lambda device: {}),
-    "bool padding mask": ({}, lambda device: {"attn_mask": padding_mask(device)}),
-    "additive float mask": ({}, lambda device: {"attn_mask": additive_mask(device)}),
-    "causal": ({}, lambda device: {"is_causal": True}),
-    "gqa causal": ({"num_kv_heads": 2}, lambda device: {"is_causal": True}),
-    "gqa bool mask": ({"num_kv_heads": 1}, lambda device: {"attn_mask": padding_mask(device)}),
+    "plain": ({}, lambda device, tokens=TOKENS: {}),
+    "bool padding mask": ({}, lambda device, tokens=TOKENS: {
+        "attn_mask": padding_mask(device, tokens)}),
+    "additive float mask": ({}, lambda device, tokens=TOKENS: {
+        "attn_mask": additive_mask(device, tokens)}),
+    "causal": ({}, lambda device, tokens=TOKENS: {"is_causal": True}),
+    "gqa causal": ({"num_kv_heads": 2}, lambda device, tokens=TOKENS: {"is_causal": True}),
+    "gqa bool mask": ({"num_kv_heads": 1}, lambda device, tokens=TOKENS: {
+        "attn_mask": padding_mask(device, tokens)}),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_weights_equal_eager_attn_layer_by_layer(case, device):
+# 300 tokens: maps of 4.1 MiB, which the CPU computes into buffer-pool memory.
+@pytest.mark.parametrize("tokens", [TOKENS, 300])
+def test_fused_weights_equal_eager_attn_layer_by_layer(case, device, tokens):
     attention, call = CASES[case]
     fused, eager = fused_and_eager(device, **attention)
-    x = torch.randn(BATCH, TOKENS, DIM, device=device)
-    kwargs = call(device)
+    x = torch.randn(BATCH, tokens, DIM, device=device)
+    kwargs = call(device, tokens)
     with torch.no_grad():
         plain_output = fused(x, **kwargs)
         with get_local.capture() as eager_cache:
@@ -185,7 +190,7 @@ def test_fused_weights_equal_eager_attn_layer_by_layer(case, device):
     # GPU kernels differ from eager matmuls in the last bits, which layer 2 sees.
     atol, rtol = (1e-6, 1e-5) if device == "cpu" else (1e-5, 1e-4)
     for layer, (weights, attn) in enumerate(zip(captured, expected)):
-        assert weights.shape == (BATCH, HEADS, TOKENS, TOKENS)
+        assert weights.shape == (BATCH, HEADS, tokens, tokens)
         assert_close(weights, attn, atol=atol, rtol=rtol, what=f"{case}, layer {layer}")
 
 

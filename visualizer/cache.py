@@ -231,6 +231,12 @@ class Uncapturable(Exception):
 
 def _snapshot_tensor(torch: Any, tensor: Any, policy: StoragePolicy, owned: bool = False) -> Any:
     dtype = getattr(torch, policy.dtype) if policy.dtype else None
+    if owned and (dtype is None or dtype == tensor.dtype) and not tensor.requires_grad:
+        # A map computed into the pool's memory (fused.py): stored as the very
+        # tensor or array the pool knows, so that clear() recycles it.
+        array = BUFFERS.array_of(tensor)
+        if array is not None:
+            return tensor if policy.keep_on_device else array
     if policy.detach:
         tensor = tensor.detach()
     if policy.keep_on_device:
@@ -362,6 +368,18 @@ class BufferPool:
 
         self._lent[key] = (weakref.ref(tensor, forget), buffer)
         return tensor
+
+    def array_of(self, tensor: Any) -> Optional[np.ndarray]:
+        """The array under the memory of a tensor `empty()` made and no one resized; or None.
+
+        Stored instead of `tensor.numpy()`, it keeps a recycled buffer the same
+        array object: each `.numpy()` wraps the last, a chain that would grow by
+        one array and one tensor per clear().
+        """
+        lent = self._lent.get(id(tensor))
+        if lent is None or lent[1].shape != tuple(tensor.shape):
+            return None
+        return lent[1]
 
     def give_back(self, entries_lists: Sequence[Iterable[Any]]) -> None:
         """Take the unreferenced arrays of these entry lists, which the caller is dropping.

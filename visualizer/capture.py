@@ -323,6 +323,11 @@ class GetLocal:
                 else:
                     self.deactivate()
 
+    def release_idle_buffers(self) -> None:
+        """Let go of the buffer pool's arrays if no capture will copy into them."""
+        if not self._active and not self._store.open_scopes:
+            BUFFERS.release()
+
     def key_of(self, function: Any) -> Optional[str]:
         """The cache key of a decorated function, or None if it is not decorated.
 
@@ -395,9 +400,11 @@ class GetLocal:
 
     def clear(self) -> None:
         """Empty the cache (keys stay, each with a new empty list)."""
-        # While capture is on the next forward copies into the cleared arrays
-        # (see BufferPool); while off, nothing would, so they are let go.
-        self._store.clear(recycle=self._active)
+        # While capture is on (or a capture() block is open in this thread) the
+        # next forward copies into the cleared arrays (see BufferPool); while
+        # off, nothing would, so they are let go.
+        store = self._store
+        store.clear(recycle=self._active or store.current() is not store.process_scope)
 
     # -- instrumentation --------------------------------------------------
 

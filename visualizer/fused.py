@@ -97,7 +97,7 @@ from ._errors import VisualizerError
 from ._modes import remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
 from ._warnings import warn_user
-from .cache import StoragePolicy, snapshot
+from .cache import BUFFERS, StoragePolicy, snapshot
 from .capture import GetLocal, get_local
 
 if TYPE_CHECKING:
@@ -262,20 +262,23 @@ class SdpaCapture:
         saved: Optional[Tuple[CheckedSelection, CheckedSelection]] = (
             (self._threads.mode.rows, self._threads.mode.heads) if was_active else None
         )
-        with self._owner.store.scoped(policy) as fresh:
-            try:
-                if here:
-                    self.activate(rows, heads)
-                else:
-                    self._switch_off_here(stacklevel=4)
-                yield fresh
-            finally:
-                # Exactly this thread's state on entry, whatever the block switched.
-                if saved is not None:  # it was active
-                    self.activate(*saved)
-                else:
-                    # Above _switch_off_here: this generator, contextlib's __exit__, the user.
-                    self._switch_off_here(stacklevel=4)
+        try:
+            with self._owner.store.scoped(policy) as fresh:
+                try:
+                    if here:
+                        self.activate(rows, heads)
+                    else:
+                        self._switch_off_here(stacklevel=4)
+                    yield fresh
+                finally:
+                    # Exactly this thread's state on entry, whatever the block switched.
+                    if saved is not None:  # it was active
+                        self.activate(*saved)
+                    else:
+                        # Above _switch_off_here: this generator, contextlib's __exit__, the user.
+                        self._switch_off_here(stacklevel=4)
+        finally:
+            self._owner.release_idle_buffers()  # the block was the last capture
 
     @property
     def cache(self) -> Dict[str, List[Any]]:
@@ -554,21 +557,40 @@ def _attention_weights(
         q = q.index_select(-3, heads)
     if rows is not None:
         q = q.index_select(-2, rows)
-    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1))
+    q, k = q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)
+    scores_shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], num_keys)
+    # `scores` is this function's own tensor: changed in place from here on.
+    # On the CPU it takes the memory of a map cleared from a capture cache
+    # where one fits (BufferPool): a map is fresh memory otherwise, whose page
+    # faults cost more than computing it. The result is then the pool's to
+    # take back when the cache holding it is cleared.
+    scores = None
+    if q.device.type == "cpu" and compute_dtype == query.dtype:
+        scores = BUFFERS.empty(torch, scores_shape, compute_dtype)
+    if scores is None:
+        scores = torch.matmul(q, k)
+    else:
+        torch.matmul(q, k, out=scores)
     scores.mul_(scale)
     if causal_offset is not None:
         query_positions = torch.arange(num_rows, device=q.device) if rows is None else rows
         key_positions = torch.arange(num_keys, device=q.device)
         allowed = key_positions <= (query_positions + causal_offset)[:, None]
-        scores = scores.masked_fill(~allowed, -math.inf)
+        scores.masked_fill_(~allowed, -math.inf)
     if attn_mask is not None:
         mask = _with_ndim(attn_mask, ndim)
         if heads is not None:
             mask = _select_broadcast(mask, -3, heads)
         if rows is not None:
             mask = _select_broadcast(mask, -2, rows)
+        in_place = torch.broadcast_shapes(mask.shape, scores_shape) == scores_shape
         if mask.dtype == torch.bool:
-            scores = torch.where(mask, scores, -math.inf)
+            if in_place:
+                scores.masked_fill_(~mask, -math.inf)
+            else:  # a mask with more batch entries than q and k
+                scores = torch.where(mask, scores, -math.inf)
+        elif in_place:
+            scores.add_(mask.to(compute_dtype))
         else:
             scores = scores + mask.to(compute_dtype)
     # PyTorch's kernels give a query with every key masked a zero output.
@@ -576,9 +598,9 @@ def _attention_weights(
     if attn_mask is not None or causal_offset is not None:
         dead_rows = scores.amax(-1, keepdim=True) == -math.inf
     if scores.device.type == "cpu":
-        # In place: `scores` is this function's own fresh tensor, and on CPU
-        # a second (L, S) map per head is fresh memory whose page faults cost
-        # more than the softmax (CUDA's caching allocator has no such cost).
+        # In place: on the CPU a second (L, S) map per head is fresh memory
+        # whose page faults cost more than the softmax (CUDA's caching
+        # allocator has no such cost).
         weights = torch.softmax(scores, dim=-1, out=scores)
     else:
         weights = torch.softmax(scores, dim=-1)
