@@ -290,3 +290,35 @@ def test_fused_maps_are_computed_into_cleared_maps_memory(keep_on_device):
         get_local.clear()
         assert BUFFERS._free
     assert not BUFFERS._free  # the block was the last capture: the pool lets go
+
+
+def test_a_copy_of_recording_maps_frees_what_it_clears():
+    import copy
+    import pickle
+
+    from visualizer import capture_attention
+
+    module = SoftmaxAttention()
+    with capture_attention(module) as recorded:
+        module(maps(0))
+        for duplicate in (copy.deepcopy(recorded), pickle.loads(pickle.dumps(recorded))):
+            last = weakref.ref(duplicate[""][0])
+            duplicate.clear()  # no recorder fills the copy: nothing to recycle for
+            assert last() is None
+        recorded.clear()
+        assert BUFFERS._free  # the recorder's own maps do recycle
+
+
+def test_maps_cleared_before_stop_are_not_reported_as_nothing_captured():
+    from visualizer import capture_attention
+
+    module = SoftmaxAttention()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with capture_attention(module) as recorded:
+            module(maps(0))
+            recorded.clear()  # looked at, then cleared: the loop's last step
+    identity = torch.nn.Identity()
+    with pytest.warns(RuntimeWarning, match="no attention was captured"):
+        with capture_attention(identity):
+            identity(maps(0))  # ran, nothing recorded: still said

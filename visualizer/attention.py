@@ -154,6 +154,10 @@ class AttentionMaps(_MapsBase):
         # recycles the arrays for the next maps' copies.
         self._recycle = False
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # A copy (pickled, deep-copied) is no recorder's: its clear() only drops.
+        return {**self.__dict__, "_recycle": False}
+
     def clear(self) -> None:
         """Drop every map and the counts of dropped entries.
 
@@ -166,7 +170,7 @@ class AttentionMaps(_MapsBase):
         dropped = list(self.values())
         super().clear()
         self.dropped.clear()
-        if getattr(self, "_recycle", False):  # unpickled maps have no recorder
+        if self._recycle:
             BUFFERS.give_back(dropped)
 
     def stack(self, modules: Optional[Globs] = None, call: Optional[int] = None) -> MapEntry:
@@ -354,6 +358,7 @@ class AttentionRecorder:
         self._wrapped: List[Callable[[], None]] = []  # callables that undo _wrap_forward
         self._state = threading.local()
         self._module_calls = 0
+        self._recorded = 0  # maps recorded since start(): clear() in between hides them
         self._decorated: Dict[int, str] = {}  # id(module) -> get_local key of its forward
         # get_local.deferring_to_fused(), entered while recording
         self._defer: Optional[ContextManager[None]] = None
@@ -387,6 +392,7 @@ class AttentionRecorder:
 
     def _put_on(self) -> None:
         self._module_calls = 0
+        self._recorded = 0
         self._warn_unseen_modules()
         inside_encoder_layers: Set[int] = set()
         for module in self._paths.values():
@@ -572,6 +578,7 @@ class AttentionRecorder:
     def _flush(self, frame: "_Frame") -> None:
         if frame.path is None:  # not one of the model's modules: never an owner
             return
+        self._recorded += len(frame.records)
         for entry in frame.records:
             if self.maps._append(frame.path, entry, self._policy.max_entries):
                 self._warn_once(
@@ -790,7 +797,7 @@ class AttentionRecorder:
         )
 
     def _warn_if_empty(self) -> None:
-        if self.maps:
+        if self.maps or self._recorded:
             return
         if self._module_calls == 0:
             message = (
