@@ -322,3 +322,25 @@ def test_maps_cleared_before_stop_are_not_reported_as_nothing_captured():
     with pytest.warns(RuntimeWarning, match="no attention was captured"):
         with capture_attention(identity):
             identity(maps(0))  # ran, nothing recorded: still said
+
+
+def test_a_recorder_that_stops_leaves_get_local_s_pool_alone():
+    from visualizer import capture_attention, get_local
+
+    @get_local("attn")
+    def doubled(x):
+        attn = x * 2
+        return attn
+
+    get_local.activate()
+    try:
+        doubled(maps(0))
+        get_local.clear()  # capture is on: the array waits in the pool for the next copy
+        module = SoftmaxAttention()
+        with capture_attention(module):
+            module(maps(1))
+        assert BUFFERS._free  # still there for get_local's next copy
+    finally:
+        get_local.deactivate()
+        get_local.clear()
+    assert not BUFFERS._free

@@ -431,7 +431,9 @@ class AttentionRecorder:
         self._handles, self._wrapped = [], []
         if self.maps._recycle:
             self.maps._recycle = False
-            BUFFERS.release()  # no copies follow: let go of what maps.clear() pooled
+            # No copies of this recorder follow: let go of what maps.clear() pooled,
+            # unless get_local still copies into the pool.
+            get_local.release_idle_buffers()
         if self._defer is not None:
             self._defer.__exit__(None, None, None)
             self._defer = None
