@@ -345,6 +345,16 @@ class Slot:
         self.forward = forward  # a model forward (False: a bare copy)
 
 
+def after_a_cleared_forward(begin, body, clear):
+    """A slot's begin for a capture/look/clear loop: `begin`, then one untimed forward whose
+    maps `clear` hands to the buffer pool, so that the timed forward copies into them."""
+    def pooled_begin():
+        begin()
+        body()
+        clear()
+    return pooled_begin
+
+
 def run_slot(slot, clocks, inspect=None):
     """Run one slot: (times by clock name, `inspect(stored maps)` or None).
 
@@ -565,20 +575,13 @@ def forward_geometry(args, report, clocks, label, size, patch, batch, *, Attenti
     # get_local's buffer pool and the next forward copies into them. Its first
     # forward (untimed, in begin) fills the pool: the other variants switch
     # capture off after their forward, which empties it.
-    def pooled_begin(**policy):
-        def begin():
-            use_attention(model, Decorated)
-            get_local.activate(**policy)
-            body()
-            get_local.clear()
-        return begin
-
     for name, policy in [
         ("get_local, default, after a clear() (pooled buffers)", {}),
         ("get_local, keep_on_device=True, after a clear() (pooled)", {"keep_on_device": True}),
     ]:
-        slots.append(Slot(name, body, pooled_begin(**policy), get_local_off,
-                          maps=lambda _: list(get_local.cache[key])))
+        begin = using(Decorated, lambda policy=policy: get_local.activate(**policy))
+        slots.append(Slot(name, body, after_a_cleared_forward(begin, body, get_local.clear),
+                          get_local_off, maps=lambda _: list(get_local.cache[key])))
     slots.append(Slot("original technique + .copy()", body, using(Original),
                       lambda: original_store["Attention.forward"].clear(),
                       maps=lambda _: list(original_store["Attention.forward"])))
@@ -586,16 +589,12 @@ def forward_geometry(args, report, clocks, label, size, patch, batch, *, Attenti
     def recorded_maps(_):
         return [m for ms in recorder["on"].maps.values() for m in ms]
 
-    def start_recorder_pooled():
-        use_attention(model, Attention)
-        start_recorder()
-        body()
-        recorder["on"].maps.clear()
-
     slots.append(Slot("capture_attention(model)", body, using(Attention, start_recorder),
                       stop_recorder, maps=recorded_maps))
     slots.append(Slot("capture_attention(model), after maps.clear() (pooled)", body,
-                      start_recorder_pooled, stop_recorder, maps=recorded_maps))
+                      after_a_cleared_forward(using(Attention, start_recorder), body,
+                                              lambda: recorder["on"].maps.clear()),
+                      stop_recorder, maps=recorded_maps))
     if torchlens is not None:
         slot = torchlens_slot(torchlens, model, images, no_grad)
         slot.begin = using(Attention)
@@ -742,14 +741,6 @@ def fused_section(args, report, clocks):
         context.pop("manager").__exit__(None, None, None)
         context.pop("maps")
 
-    def enter_pooled(manager, clear):
-        """A capture/look/clear loop: one untimed forward, cleared, fills the buffer pool."""
-        def begin():
-            enter(manager)()
-            body()
-            clear()
-        return begin
-
     def all_maps(_):
         return [m for ms in context["maps"].values() for m in ms]
 
@@ -775,9 +766,11 @@ def fused_section(args, report, clocks):
         Slot("capture_attention(model), full maps", body,
              enter(lambda: capture_attention(model)), leave, maps=all_maps),
         Slot("sdpa_capture.capture(), full maps, after a clear() (pooled)", body,
-             enter_pooled(sdpa_capture.capture, get_local.clear), leave, maps=all_maps),
+             after_a_cleared_forward(enter(sdpa_capture.capture), body, get_local.clear),
+             leave, maps=all_maps),
         Slot("capture_attention(model), full maps, after maps.clear() (pooled)", body,
-             enter_pooled(lambda: capture_attention(model), lambda: context["maps"].clear()),
+             after_a_cleared_forward(enter(lambda: capture_attention(model)), body,
+                                     lambda: context["maps"].clear()),
              leave, maps=all_maps),
     ]
     checks = []
