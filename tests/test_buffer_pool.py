@@ -344,3 +344,24 @@ def test_a_recorder_that_stops_leaves_get_local_s_pool_alone():
         get_local.deactivate()
         get_local.clear()
     assert not BUFFERS._free
+
+
+def test_multihead_attention_maps_in_a_loop_reuse_memory_and_equal_torch_s_weights():
+    from visualizer import capture_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.MultiheadAttention(64, 4).eval()  # torch's defaults: (L, N, E) inputs
+    inputs = [torch.randn(300, 2, 64) for _ in range(3)]  # maps of 2.7 MiB: the pooled path
+    with torch.no_grad():
+        expected = [module(x, x, x, average_attn_weights=False)[1] for x in inputs]
+    with torch.no_grad(), capture_attention(module) as recorded:
+        memory = None
+        for x, weights in zip(inputs, expected):
+            module(x, x, x)
+            (entry,) = recorded[""]
+            if memory is not None:
+                assert reused(entry, memory)
+            memory = backing(entry)
+            np.testing.assert_allclose(entry, weights.numpy(), atol=1e-6)
+            del entry
+            recorded.clear()
