@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from visualizer.cache import BUFFERS  # noqa: E402
+from visualizer._pool import BUFFERS  # noqa: E402
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-MODULES = ["visualizer.analysis", "visualizer.fused", "visualizer.plot", "visualizer.capture",
-           "visualizer.cache", "visualizer.attention"]
+MODULES = ["visualizer.analysis", "visualizer.geometry", "visualizer.weights", "visualizer.fused",
+           "visualizer.plot", "visualizer.capture", "visualizer.store", "visualizer.maps",
+           "visualizer.attention"]
 
 
 @pytest.mark.parametrize("name", MODULES)

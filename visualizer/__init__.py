@@ -7,18 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 from ._environment import switch_on_from_environment
 from ._errors import VisualizerError
-from .cache import MISSING, NOT_CAPTURED, StoragePolicy, load_cache, save_cache
 from .capture import get_local
+from .files import load_cache, save_cache
+from .policy import MISSING, NOT_CAPTURED, StoragePolicy
 
 if TYPE_CHECKING:
     # What __getattr__ imports on first use, for type checkers (torch is not
     # imported at runtime here).
-    from .attention import AttentionMaps, capture_attention
+    from .attention import AttentionRecorder, capture_attention
     from .distributed import all_gather, gather
     from .fused import sdpa_capture
+    from .maps import AttentionMaps
 
 __all__ = [
     "AttentionMaps",
+    "AttentionRecorder",
     "MISSING",
     "NOT_CAPTURED",
     "StoragePolicy",
@@ -40,10 +43,14 @@ def __getattr__(name: str) -> Any:
         from .fused import sdpa_capture
 
         return sdpa_capture
-    if name in ("capture_attention", "AttentionMaps"):
+    if name in ("capture_attention", "AttentionRecorder"):
         from . import attention
 
         return getattr(attention, name)
+    if name == "AttentionMaps":
+        from .maps import AttentionMaps
+
+        return AttentionMaps
     if name in ("gather", "all_gather"):
         from . import distributed
 

@@ -15,20 +15,27 @@ A value that cannot be read is an error naming the variable, raised at import.
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Protocol
 
 from ._errors import VisualizerError
 from ._ranks import current_rank
 
-if TYPE_CHECKING:
-    from .capture import GetLocal
+
+class Switch(Protocol):
+    """What this module switches on: `get_local` (imported by the package, not here)."""
+
+    @property
+    def activate(self) -> Callable[..., None]: ...
+
+    @property
+    def is_active(self) -> bool: ...
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
 def switch_on_from_environment(
-    get_local: "GetLocal", environ: Mapping[str, str] = os.environ
+    get_local: Switch, environ: Mapping[str, str] = os.environ
 ) -> bool:
     """Activate `get_local` as the VISUALIZER_* variables say; return whether it did."""
     if not _flag(environ, "VISUALIZER_CAPTURE"):

@@ -1,19 +1,55 @@
-"""Putting torch function modes on and off this thread's mode stack, wherever they sit.
+"""The one TorchFunctionMode recorders watch torch calls with, and its place on the mode stack.
 
-`fused` (sdpa_capture) and `attention` (capture_attention) both record through
-a `TorchFunctionMode`, and both must take theirs off the stack even when other
-modes were entered after it and are still open.
+`sdpa_capture` (fused) and `capture_attention` (attention) both record through
+a `WatchMode`: it runs every torch function unchanged and then tells its
+recorder about the calls it watches. Both must take theirs off the stack even
+when other modes were entered after it and are still open.
 """
 
-from typing import List
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Tuple
 
-import torch
 from torch.overrides import TorchFunctionMode
 
+from ._torch_internals import mode_stack, pop_mode, push_mode
 
-def push_mode(mode: TorchFunctionMode) -> None:
-    """Put `mode` on top of this thread's torch function mode stack."""
-    torch.overrides._push_mode(mode)
+# Told (func, args, kwargs, output) after a watched call ran.
+Listener = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Any], None]
+
+
+class WatchMode(TorchFunctionMode):
+    """Runs every torch function as is; shows the watched ones to `listener` after.
+
+    `on` False passes every call through untouched (a mode switched off from
+    another thread may still sit on this thread's stack). `calls` counts the
+    torch calls seen while on, so a recorder can tell "none of them was
+    attention" from "nothing ran".
+    """
+
+    def __init__(self, watched: FrozenSet[Any], listener: Listener) -> None:
+        super().__init__()
+        self.watched = watched
+        self.listener = listener
+        self.on = True
+        self.calls = 0
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        # The real call first, with the original arguments: the model's output
+        # is exactly what it computes, and an invalid call raises torch's own
+        # error. Inside this method torch has taken the mode off the stack, so
+        # neither this call nor what the listener computes comes back here.
+        output = func(*args, **kwargs)
+        if self.on:
+            self.calls += 1
+            if func in self.watched:
+                self.listener(func, args, kwargs, output)
+        return output
 
 
 def remove_mode(mode: TorchFunctionMode) -> bool:
@@ -23,15 +59,14 @@ def remove_mode(mode: TorchFunctionMode) -> bool:
     put back in their order, so their own exits still find them on top.
     Returns whether `mode` was on the stack.
     """
-    stack = torch.overrides._get_current_function_mode_stack()
-    if not any(entry is mode for entry in stack):
+    if not any(entry is mode for entry in mode_stack()):
         return False
     above: List[TorchFunctionMode] = []
     while True:
-        top = torch.overrides._pop_mode()
+        top = pop_mode()
         if top is mode:
             break
         above.append(top)
     for entry in reversed(above):
-        torch.overrides._push_mode(entry)
+        push_mode(entry)
     return True

@@ -44,70 +44,61 @@ entries per key; `generate()` gives the prefill (B, H, L, L) and then one
 (B, H, 1, S) entry per new token, for every attention module.
 """
 
-import fnmatch
 import inspect
 import sys
 import threading
 from types import TracebackType
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
-    Collection,
     ContextManager,
     Dict,
-    Iterable,
     List,
     Optional,
     Sequence,
     Set,
     Tuple,
     Type,
-    Union,
-    cast,
 )
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from . import _torch_internals
 from ._errors import VisualizerError
-from ._modes import push_mode, remove_mode
+from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
-from ._warnings import warn_user
-from .cache import BUFFERS, MISSING, StoragePolicy, snapshot
+from ._torch_internals import push_mode
+from ._warnings import WarnOnce, warn_user
 from .capture import get_local
-from .fused import (
+from .maps import AttentionMaps, Globs, MapEntry, matching, module_globs
+from .policy import MISSING, StorageDType, StoragePolicy
+from .snapshot import snapshot
+from .weights import (
     CheckedSelection,
     Selection,
-    StorageDType,
     bind_sdpa_arguments,
-    sdpa_weights,
+    module_weights,
+    multi_head_weights,
+    sdpa_call_weights,
     select_weights,
+    unpack_grouped_query,
     validate_selection,
 )
 
-# One recorded map: a numpy array, or a torch tensor with keep_on_device=True.
-MapEntry = Union[np.ndarray, torch.Tensor]
-# What `modules=` accepts: a glob or a list of globs over module paths.
-Globs = Union[str, Iterable[str]]
 # The positional and keyword arguments of a module call, as hooks see them.
 Args = Tuple[Any, ...]
 Kwargs = Dict[str, Any]
-
-if TYPE_CHECKING:
-    _MapsBase = Dict[str, List[MapEntry]]
-else:
-    _MapsBase = dict
 
 _WHO = "capture_attention"
 
 _SOFTMAX_FUNCTIONS = frozenset(
     {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
 )
+# What the recording mode shows the recorder (see AttentionRecorder._watched).
+_WATCHED = _SOFTMAX_FUNCTIONS | {F.scaled_dot_product_attention, F.multi_head_attention_forward}
 
 # Modules that choose a native fast path only when no torch function mode is
 # active (they check `has_torch_function`): the recording mode is off while
@@ -134,118 +125,6 @@ _SEEN_IMPLEMENTATIONS = ("eager", "sdpa")
 _MULTI_HEAD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _FUNCTIONAL_MULTI_HEAD_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _ENCODER_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
-
-
-class AttentionMaps(_MapsBase):
-    """Module path -> list of (B, H, Q, K) maps, one per call, in call order.
-
-    Keys are names from `model.named_modules()`, in the order their modules
-    first computed attention (forward order). Values are numpy arrays, or
-    torch tensors with `keep_on_device=True`.
-
-    Attributes:
-        dropped: module path -> entries dropped by `max_entries`.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropped: Dict[str, int] = {}
-        # Set while the recorder filling these maps records: clear() then
-        # recycles the arrays for the next maps' copies.
-        self._recycle = False
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # A copy (pickled, deep-copied) is no recorder's: its clear() only drops.
-        return {**self.__dict__, "_recycle": False}
-
-    def clear(self) -> None:
-        """Drop every map and the counts of dropped entries.
-
-        While the recorder records, arrays nothing else references (nor a
-        view, nor a tensor sharing their memory) become the destinations of
-        the next maps' copies: a record/look/clear loop copies into warm
-        memory instead of faulting fresh pages in on every forward. Lists a
-        user took before clear() keep their contents.
-        """
-        dropped = list(self.values())
-        super().clear()
-        self.dropped.clear()
-        if self._recycle:
-            BUFFERS.give_back(dropped)
-
-    def stack(self, modules: Optional[Globs] = None, call: Optional[int] = None) -> MapEntry:
-        """The maps of several modules as one (L, B, H, Q, K) array, in key order.
-
-        Args:
-            modules: a glob or list of globs over the keys (e.g. "encoder.*");
-                None takes every key.
-            call: which call of each module to take (e.g. -1 for the last
-                forward). None requires exactly one call per module, so layers
-                and calls are never confused.
-
-        Returns:
-            numpy array (or torch tensor for tensors kept on device) of shape
-            (L, B, H, Q, K), L the number of modules taken.
-        """
-        keys = list(self) if modules is None else _matching(list(self), _globs(modules, "stack"))
-        if not keys:
-            raise VisualizerError(
-                f"AttentionMaps.stack: no module to stack; modules={modules!r} matched none of "
-                f"the {len(self)} keys {list(self)[:6]}"
-            )
-        entries: List[MapEntry] = []
-        for key in keys:
-            calls = dict.__getitem__(self, key)
-            if call is None:
-                if len(calls) != 1:
-                    raise VisualizerError(
-                        f"AttentionMaps.stack: {key!r} has {len(calls)} calls, expected one per "
-                        "module (several forwards, generate() or a module used twice); pass "
-                        "call=i to stack the i-th call of every module, e.g. call=-1 for the last"
-                    )
-                entries.append(calls[0])
-            else:
-                try:
-                    entries.append(calls[call])
-                except IndexError:
-                    raise VisualizerError(
-                        f"AttentionMaps.stack: call={call} is out of range for {key!r}, which has "
-                        f"{len(calls)} calls"
-                    ) from None
-        shapes = {tuple(entry.shape) for entry in entries}
-        if len(shapes) > 1:
-            described = ", ".join(f"{key}: {tuple(e.shape)}" for key, e in zip(keys, entries))
-            raise VisualizerError(
-                f"AttentionMaps.stack: the maps have different shapes and cannot be stacked "
-                f"({described}); select modules of one kind with modules='...', e.g. "
-                "modules='encoder.*'"
-            )
-        if isinstance(entries[0], np.ndarray):
-            return np.stack(entries)
-        # One storage policy: all entries are tensors when the first is.
-        return torch.stack(cast(List[torch.Tensor], entries))
-
-    def __repr__(self) -> str:
-        parts = []
-        for key, calls in self.items():
-            shapes = sorted({tuple(entry.shape) for entry in calls})
-            shown = ", ".join(str(shape) for shape in shapes[:2]) + (
-                ", ..." if len(shapes) > 2 else ""
-            )
-            parts.append(f"  {key!r}: {len(calls)} x {shown}")
-        return "AttentionMaps({\n" + "\n".join(parts) + "\n})" if parts else "AttentionMaps({})"
-
-    def _append(self, key: str, entry: MapEntry, max_entries: Optional[int]) -> bool:
-        entries = self.get(key)
-        if entries is None:
-            entries = self.setdefault(key, [])
-        entries.append(entry)
-        if max_entries is not None and len(entries) > max_entries:
-            excess = len(entries) - max_entries
-            del entries[:excess]
-            self.dropped[key] = self.dropped.get(key, 0) + excess
-            return True
-        return False
 
 
 def capture_attention(
@@ -334,16 +213,14 @@ class AttentionRecorder:
             raise VisualizerError(
                 f"{_WHO}: model must be a torch.nn.Module; got {type(model).__qualname__}"
             )
-        try:
-            self._policy = StoragePolicy(keep_on_device, dtype, max_entries)
-        except VisualizerError as error:
-            raise VisualizerError(str(error).replace("get_local:", f"{_WHO}:", 1)) from None
+        self._policy = StoragePolicy(keep_on_device, dtype, max_entries, who=_WHO)
         # Checked now, so a bad selection fails here and not inside the model.
         self._rows: CheckedSelection = validate_selection(rows, "rows", _WHO)
         self._heads: CheckedSelection = validate_selection(heads, "heads", _WHO)
         self._ranks = validate_ranks(ranks, _WHO)
         self.model = model
-        self.maps = AttentionMaps()
+        self.maps = AttentionMaps(self._policy)
+        self._pool = get_local.store.pool  # where copies and recomputed maps take memory
         # A data-parallel or torch.compile wrapper's only child is the model:
         # keys without its "module." / "_orig_mod." prefix, the same as for
         # the plain model.
@@ -360,11 +237,11 @@ class AttentionRecorder:
         self._module_calls = 0
         self._recorded = 0  # maps recorded since start(): clear() in between hides them
         self._decorated: Dict[int, str] = {}  # id(module) -> get_local key of its forward
-        # get_local.deferring_to_fused(), entered while recording
+        # get_local's store.deferring_to_fused(), entered while recording
         self._defer: Optional[ContextManager[None]] = None
         # torch.compile's force_eager stance while recording
         self._eager: Optional[ContextManager[Any]] = None
-        self._warned: Set[Tuple[str, Optional[str]]] = set()
+        self._warn_once = WarnOnce()
 
     # -- switching --------------------------------------------------------
 
@@ -411,10 +288,11 @@ class AttentionRecorder:
             self._handles.append(
                 module.register_forward_hook(self._exit_hook, with_kwargs=True, always_call=True)
             )
-        self._defer = get_local.deferring_to_fused()
+        self._defer = get_local.store.deferring_to_fused()
         self._defer.__enter__()
         self._eager = _compiled_code_runs_eagerly()
-        self.maps._recycle = True
+        self._pool.hold()
+        self.maps.pool = self._pool  # clear() while recording recycles
 
     def stop(self) -> None:
         """Take the hooks off; warn if the model ran and no attention was captured."""
@@ -429,11 +307,9 @@ class AttentionRecorder:
         for unwrap in self._wrapped:
             unwrap()
         self._handles, self._wrapped = [], []
-        if self.maps._recycle:
-            self.maps._recycle = False
-            # No copies of this recorder follow: let go of what maps.clear() pooled,
-            # unless get_local still copies into the pool.
-            get_local.release_idle_buffers()
+        if self.maps.pool is not None:
+            self.maps.pool = None
+            self._pool.let_go()  # no copies of this recorder follow
         if self._defer is not None:
             self._defer.__exit__(None, None, None)
             self._defer = None
@@ -462,15 +338,15 @@ class AttentionRecorder:
     def _select(self, modules: Optional[Globs]) -> Set[str]:
         if modules is None:
             return set(self._paths)
-        globs = _globs(modules, _WHO)
-        unmatched = [glob for glob in globs if not _matching(self._paths, [glob])]
+        globs = module_globs(modules, _WHO)
+        unmatched = [glob for glob in globs if not matching(self._paths, [glob])]
         if unmatched:
             raise VisualizerError(
                 f"{_WHO}: modules={unmatched[0]!r} matches none of the model's "
                 f"{len(self._paths)} module paths; expected a glob over names such as "
                 f"{[p for p in self._paths if p][:5]}"
             )
-        return set(_matching(self._paths, globs))
+        return set(matching(self._paths, globs))
 
     def _warn_unseen_modules(self) -> None:
         named: Set[int] = set()  # ids of a TorchScript module's submodules, of configs: named once
@@ -499,13 +375,13 @@ class AttentionRecorder:
         frames = getattr(state, "frames", None)
         if frames is None:
             frames = state.frames = []
-            state.mode = _AttentionMode(self)
+            state.mode = WatchMode(_WATCHED, self._watched)
         return frames
 
     def _enter(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         frames = self._frames()
         state = self._state
-        if torch._C._current_autograd_node() is None:
+        if not _torch_internals.in_backward():
             self._module_calls += 1
         if not frames:
             push_mode(state.mode)
@@ -573,22 +449,28 @@ class AttentionRecorder:
         owner = self._owner(frames)
         # During backward, activation checkpointing re-runs forwards: those are
         # not new calls, and their maps were recorded when the forward ran.
-        if owner is not None and torch._C._current_autograd_node() is None:
+        if owner is not None and not _torch_internals.in_backward():
             weights = compute(f"the attention computed in module {owner.path!r}")
-            owner.records.append(snapshot(weights, self._policy, owned=owned))
+            owner.records.append(snapshot(weights, self._policy, owned=owned, pool=self._pool))
 
     def _flush(self, frame: "_Frame") -> None:
         if frame.path is None:  # not one of the model's modules: never an owner
             return
         self._recorded += len(frame.records)
         for entry in frame.records:
-            if self.maps._append(frame.path, entry, self._policy.max_entries):
-                self._warn_once(
-                    ("bound", frame.path),
-                    f"{_WHO}: the maps of {frame.path!r} hold at most "
-                    f"{self._policy.max_entries} entries (max_entries); older entries are "
-                    "dropped, counted in maps.dropped",
-                )
+            self.maps.add(frame.path, entry)
+
+    def _watched(
+        self, func: Callable[..., Any], args: Args, kwargs: Kwargs, output: Any
+    ) -> None:
+        """What the recording mode shows after an attention call ran (the model's output
+        is what it computed: the mode ran the call first)."""
+        if func is F.scaled_dot_product_attention:
+            self._sdpa(args, kwargs)
+        elif func is F.multi_head_attention_forward:
+            self._functional_multi_head(args, kwargs)
+        else:
+            self._softmax(args, kwargs, output)
 
     def _softmax(self, args: Args, kwargs: Kwargs, output: Any) -> None:
         frames = self._state.frames
@@ -620,12 +502,12 @@ class AttentionRecorder:
         )
         if query.dim() < 3:
             return
-        query, attn_mask, enable_gqa = _unpack_grouped_query(
+        query, attn_mask, enable_gqa = unpack_grouped_query(
             frames[-1].module, query, key, attn_mask, enable_gqa
         )
         self._record(
             frames,
-            lambda where: sdpa_weights(
+            lambda where: sdpa_call_weights(
                 query,
                 key,
                 attn_mask,
@@ -636,6 +518,7 @@ class AttentionRecorder:
                 heads=self._heads,
                 where=where,
                 who=_WHO,
+                pool=self._pool,
             ),
             owned=True,
         )
@@ -651,7 +534,7 @@ class AttentionRecorder:
         separate = a["use_separate_proj_weight"]
         self._record(
             frames,
-            lambda where: _multi_head_weights(
+            lambda where: multi_head_weights(
                 a["query"],
                 a["key"],
                 a["num_heads"],
@@ -664,9 +547,11 @@ class AttentionRecorder:
                 a["q_proj_weight"] if separate else None,
                 a["k_proj_weight"] if separate else None,
                 a["static_k"],
-                self._rows,
-                self._heads,
-                where,
+                rows=self._rows,
+                heads=self._heads,
+                where=where,
+                who=_WHO,
+                pool=self._pool,
             ),
             owned=True,
         )
@@ -730,26 +615,17 @@ class AttentionRecorder:
         attn_mask: Optional[torch.Tensor],
         where: str,
     ) -> torch.Tensor:
-        """The weights of an `nn.MultiheadAttention` call, from its inputs and projections."""
-        if module.batch_first and query.dim() == 3:
-            query, key = query.transpose(0, 1), key.transpose(0, 1)
-        separate = not module._qkv_same_embed_dim
-        return _multi_head_weights(
+        return module_weights(
+            module,
             query,
             key,
-            module.num_heads,
-            module.in_proj_weight,
-            module.in_proj_bias,
-            module.bias_k,
-            module.add_zero_attn,
             key_padding_mask,
             attn_mask,
-            module.q_proj_weight if separate else None,
-            module.k_proj_weight if separate else None,
-            None,
-            self._rows,
-            self._heads,
-            where,
+            rows=self._rows,
+            heads=self._heads,
+            where=where,
+            who=_WHO,
+            pool=self._pool,
         )
 
     def _take_decorated(self, frame: "_Frame", key: str) -> None:
@@ -773,7 +649,7 @@ class AttentionRecorder:
                 value = torch.as_tensor(value)
                 where = f"the attention computed in module {frame.path!r}"
                 selected = select_weights(value, self._rows, self._heads, where=where, who=_WHO)
-                frame.records.append(snapshot(selected, self._policy))
+                frame.records.append(snapshot(selected, self._policy, pool=self._pool))
             elif value is not MISSING:
                 self._warn_once(
                     ("decorated", key),
@@ -783,12 +659,6 @@ class AttentionRecorder:
                 )
 
     # -- warnings ---------------------------------------------------------
-
-    def _warn_once(self, token: Tuple[str, Optional[str]], message: str) -> None:
-        if token in self._warned:
-            return
-        self._warned.add(token)
-        warn_user(message)
 
     def _warn_nested(self, path: Optional[str]) -> None:
         self._warn_once(
@@ -878,42 +748,14 @@ def _wrap_forward(
     return undo
 
 
-class _AttentionMode(TorchFunctionMode):
-    """Runs every torch function unchanged; shows attention calls to the recorder after."""
-
-    def __init__(self, recorder: AttentionRecorder) -> None:
-        super().__init__()
-        self._recorder = recorder
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Collection[type],
-        args: Args = (),
-        kwargs: Optional[Kwargs] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        # The real call first: the model's output is exactly what it computes.
-        # Inside this method torch has taken the mode off the stack, so the
-        # recomputation below does not come back here.
-        output = func(*args, **kwargs)
-        if func in _SOFTMAX_FUNCTIONS:
-            self._recorder._softmax(args, kwargs, output)
-        elif func is F.scaled_dot_product_attention:
-            self._recorder._sdpa(args, kwargs)
-        elif func is F.multi_head_attention_forward:
-            self._recorder._functional_multi_head(args, kwargs)
-        return output
-
-
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel, DataParallel and torch.compile wrappers."""
-    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    optimized = _torch_internals.compiled_module_type()
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif optimized and isinstance(model, optimized):
-            model = model._orig_mod
+        elif optimized is not None and isinstance(model, optimized):
+            model = _torch_internals.compiled_module_original(model)
         else:
             return model
 
@@ -927,121 +769,7 @@ def _compiled_code_runs_eagerly() -> Optional[ContextManager[Any]]:
     compiled models run their Python code, so the maps equal eager mode's;
     the previous stance (and the compiled code) comes back at stop.
     """
-    if "torch._dynamo" not in sys.modules:  # then nothing was compiled or wrapped
-        return None
-    return torch.compiler.set_stance("force_eager")
-
-
-def _multi_head_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    num_heads: int,
-    in_proj_weight: Optional[torch.Tensor],
-    in_proj_bias: Optional[torch.Tensor],
-    bias_k: Optional[torch.Tensor],
-    add_zero_attn: bool,
-    key_padding_mask: Optional[torch.Tensor],
-    attn_mask: Optional[torch.Tensor],
-    q_proj_weight: Optional[torch.Tensor],
-    k_proj_weight: Optional[torch.Tensor],
-    static_k: Optional[torch.Tensor],
-    rows: CheckedSelection,
-    heads: CheckedSelection,
-    where: str,
-) -> torch.Tensor:
-    """The weights `F.multi_head_attention_forward` applies, as (B, H, L', S).
-
-    Follows that function: sequence-first (L, B, E) inputs (or unbatched
-    (L, E)), packed or separate projections, `bias_k` and `add_zero_attn`
-    appended keys, boolean masks meaning "masked" (True) or additive float
-    masks, `attn_mask` (L, S) or (B*H, L, S), `key_padding_mask` (B, S).
-    Unbatched inputs give B = 1.
-    """
-    with torch.no_grad():
-        if query.dim() == 2:
-            query, key = query.unsqueeze(1), key.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-            if attn_mask is not None and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
-        length, batch, embed = query.shape
-        head_dim = embed // num_heads
-        # The call itself ran first, and torch checked there that the weights
-        # it uses (packed, or separate) are given.
-        if q_proj_weight is None:
-            assert in_proj_weight is not None, "packed projections without in_proj_weight"
-            q_proj_weight, k_proj_weight, _ = in_proj_weight.chunk(3)
-        q_bias, k_bias = (None, None) if in_proj_bias is None else in_proj_bias.chunk(3)[:2]
-        q = F.linear(query, q_proj_weight, q_bias)
-        q = q.reshape(length, batch, num_heads, head_dim).permute(1, 2, 0, 3)
-        if static_k is not None:
-            k = static_k.reshape(batch, num_heads, -1, head_dim)
-        else:
-            assert k_proj_weight is not None, "separate projections without k_proj_weight"
-            k = F.linear(key, k_proj_weight, k_bias)
-            if bias_k is not None:
-                k = torch.cat([k, bias_k.expand(1, batch, embed)])
-            k = k.reshape(k.shape[0], batch, num_heads, head_dim).permute(1, 2, 0, 3)
-        if add_zero_attn:
-            k = torch.cat([k, k.new_zeros(batch, num_heads, 1, head_dim)], dim=2)
-        keys = k.shape[2]
-        mask = None
-        if attn_mask is not None:
-            mask = _additive(attn_mask, q.dtype)
-            mask = mask.reshape(batch, num_heads, length, -1) if mask.dim() == 3 else mask
-            mask = F.pad(mask, (0, keys - mask.shape[-1]))
-        if key_padding_mask is not None:
-            padding = _additive(key_padding_mask, q.dtype).reshape(batch, 1, 1, -1)
-            padding = F.pad(padding, (0, keys - padding.shape[-1]))
-            mask = padding if mask is None else mask + padding
-        return sdpa_weights(q, k, mask, rows=rows, heads=heads, where=where, who=_WHO)
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A mask as F.multi_head_attention_forward reads it: bool True = -inf, float added."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-            mask, float("-inf")
-        )
-    return mask.to(dtype)
-
-
-def _unpack_grouped_query(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    enable_gqa: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
-    """Undo transformers' `pack_gqa`: a decoding step's (B, Hkv, n_rep, E) query.
-
-    transformers runs a single-token step of a grouped-query model as
-    (B, Hkv, n_rep, E) queries against (B, Hkv, S, E) keys; query head
-    kv * n_rep + r is row r of key head kv. Unpacked, it is (B, H, 1, E) with
-    SDPA's `enable_gqa`, so entries are (B, H, 1, S) like every other call.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    kv_heads = getattr(getattr(module, "config", None), "num_key_value_heads", None)
-    if (
-        not isinstance(groups, int)
-        or groups <= 1
-        or query.dim() != 4
-        or enable_gqa
-        or query.shape[1] != kv_heads
-        or key.shape[1] != kv_heads
-        or query.shape[2] != groups
-    ):
-        return query, attn_mask, enable_gqa
-    batch, _, _, dim = query.shape
-    query = query.reshape(batch, kv_heads * groups, 1, dim)
-    if (
-        isinstance(attn_mask, torch.Tensor)
-        and attn_mask.dim() == 4
-        and attn_mask.shape[1] == kv_heads
-        and attn_mask.shape[2] == groups
-    ):
-        attn_mask = attn_mask.reshape(attn_mask.shape[0], kv_heads * groups, 1, -1)
-    return query, attn_mask, True
+    return _torch_internals.force_eager()
 
 
 def _head_count(module: nn.Module) -> Optional[int]:
@@ -1077,25 +805,6 @@ def _unseen_reason(module: nn.Module) -> Optional[str]:
                 "F.scaled_dot_product_attention and never forms the weights"
             )
     return None
-
-
-def _globs(modules: Globs, who: str) -> List[str]:
-    candidates = [modules] if isinstance(modules, str) else modules
-    globs: Optional[List[str]]
-    try:
-        globs = list(candidates)
-    except TypeError:
-        globs = None
-    if not globs or not all(isinstance(glob, str) for glob in globs):
-        raise VisualizerError(
-            f"{who}: modules must be a glob or a non-empty list of globs over module paths, "
-            f"e.g. 'encoder.*'; got {modules!r}"
-        )
-    return globs
-
-
-def _matching(paths: Iterable[str], globs: Sequence[str]) -> List[str]:
-    return [path for path in paths if any(fnmatch.fnmatchcase(path, glob) for glob in globs)]
 
 
 def _describe_value(value: object) -> str:

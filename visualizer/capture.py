@@ -18,6 +18,7 @@ sees the switch, and a deactivated function runs its own code at no cost.
 """
 import collections
 import contextlib
+import copyreg
 import multiprocessing
 import os
 import sys
@@ -38,23 +39,16 @@ from typing import (
     Union,
 )
 
+from . import _torch_internals
+from ._arrays import is_torch_tensor
 from ._errors import VisualizerError
-from ._ranks import captures_here, validate_ranks
+from ._pool import BufferPool
+from ._ranks import Ranks, captures_here, validate_ranks
 from ._rewrite import FastPath, instrument, local_names
-from ._warnings import warn_user
-from ._ranks import Ranks
-from .cache import (
-    BUFFERS,
-    IMMUTABLE_TYPES,
-    BoundedEntries,
-    Cache,
-    CaptureCache,
-    MISSING,
-    NOT_CAPTURED,
-    CaptureStore,
-    StoragePolicy,
-    snapshot,
-)
+from ._warnings import WarnOnce, warn_user
+from .policy import MISSING, NOT_CAPTURED, StoragePolicy
+from .snapshot import IMMUTABLE_TYPES, snapshot
+from .store import Cache, CaptureCache, CaptureStore, FastSink, Scope
 
 Decorated = TypeVar("Decorated")
 # select=: one callable for every name, or name -> callable.
@@ -122,8 +116,9 @@ class GetLocal:
     to every name, or a dict name -> callable.
     """
 
-    def __init__(self) -> None:
-        self._store = CaptureStore()
+    def __init__(self, pool: Optional[BufferPool] = None) -> None:
+        # `pool`: where copies take warm memory (default: the process's BufferPool).
+        self._store = CaptureStore(pool)
         self._active = False
         self._lock = threading.RLock()
         # target function -> _Registration. Weak, so functions created on
@@ -131,9 +126,6 @@ class GetLocal:
         self._registrations: "weakref.WeakKeyDictionary[types.FunctionType, _Registration]" = (
             weakref.WeakKeyDictionary()
         )
-        # key -> module of the function that owns it, to keep two functions
-        # with one __qualname__ in different modules apart.
-        self._key_modules: Dict[str, str] = {}
         # (original code, key, names, select) -> instrumented code: nested
         # functions are re-created, and re-decorated, on every call.
         # A bounded LRU: a nested function re-decorated with a new `select`
@@ -141,7 +133,7 @@ class GetLocal:
         self._instrumented: "collections.OrderedDict[Any, types.CodeType]" = (
             collections.OrderedDict()
         )
-        self._warned: Set[Any] = set()
+        self._warn_once = WarnOnce()
         self._store.on_empty_read = self._warn_not_called
 
     def __reduce__(self):
@@ -178,29 +170,11 @@ class GetLocal:
                 key = previous.key
                 target.__code__ = previous.current_code()
             else:
-                key = self.key_for(qualname, target.__module__)
+                key = self._store.key_for(qualname, target.__module__)
             registration = _Registration(target, key, names, select)
             self._registrations[target] = registration
             if self._active:
                 self._install(registration)
-
-    def key_for(self, qualname: str, module: str) -> str:
-        """The cache key of a function with this qualified name in this module.
-
-        The qualified name, unless a function of another module took it first:
-        then `module.qualname`, with a warning. Fused capture names the callers
-        of scaled_dot_product_attention with it, so their maps share keys with
-        decorated functions.
-        """
-        owner = self._key_modules.setdefault(qualname, module)
-        if owner == module:
-            return qualname
-        key = f"{module}.{qualname}"
-        warn_user(
-            f"get_local: {qualname!r} in module {module!r} has the same qualified name as a "
-            f"captured function in module {owner!r}; its captures go under {key!r}"
-        )
-        return key
 
     # -- switching --------------------------------------------------------
 
@@ -233,6 +207,8 @@ class GetLocal:
     def _turn_on(self):
         with self._lock:
             was_active, self._active = self._active, True
+            if not was_active:
+                self._store.pool.hold()  # copies into the pool follow until deactivate()
             for registration in list(self._registrations.values()):
                 self._install(registration)
             self._store.repoint()  # torch may have been loaded since
@@ -247,9 +223,10 @@ class GetLocal:
                 registration.original_code = registration.current_code()
                 registration.target.__code__ = registration.original_code
                 registration.installed_code = None
-                registration.target.__dict__.pop("_torchdynamo_disable", None)
+                registration.target.__dict__.pop(_torch_internals.DYNAMO_DISABLE_ATTRIBUTE, None)
+            if was_active:
+                self._store.pool.let_go()  # no copies follow
         if was_active:
-            BUFFERS.release()  # no copies follow: give the pooled arrays back
             self._forget_compiled_code()
 
     def _forget_compiled_code(self):
@@ -263,17 +240,15 @@ class GetLocal:
         code now in place: captures then equal eager mode's. Only when Dynamo
         has compiled something; it costs one recompilation, said once.
         """
-        convert_frame = sys.modules.get("torch._dynamo.convert_frame")
-        if convert_frame is None or not convert_frame.input_codes.seen:
+        if not _torch_internals.dynamo_compiled_anything():
             return
-        sys.modules["torch._dynamo"].reset()
-        if "compiled" not in self._warned:
-            self._warned.add("compiled")
-            warn_user(
-                "get_local: capture was switched while torch.compile'd code existed; Dynamo's "
-                "compiled code was reset so that it sees the switch, and compiled models "
-                "recompile on their next call (warned once)"
-            )
+        _torch_internals.reset_dynamo()
+        self._warn_once(
+            "compiled",
+            "get_local: capture was switched while torch.compile'd code existed; Dynamo's "
+            "compiled code was reset so that it sees the switch, and compiled models "
+            "recompile on their next call (warned once)",
+        )
 
     @property
     def is_active(self) -> bool:
@@ -323,11 +298,6 @@ class GetLocal:
                 else:
                     self.deactivate()
 
-    def release_idle_buffers(self) -> None:
-        """Let go of the buffer pool's arrays if no capture will copy into them."""
-        if not self._active and not self._store.open_scopes:
-            BUFFERS.release()
-
     def key_of(self, function: Any) -> Optional[str]:
         """The cache key of a decorated function, or None if it is not decorated.
 
@@ -350,23 +320,6 @@ class GetLocal:
                 return None
         return None
 
-    @contextlib.contextmanager
-    def deferring_to_fused(self) -> Iterator[None]:
-        """A block in which another recorder captures fused-attention calls.
-
-        While inside, a decorated call whose names are all unbound (it took a
-        fused path such as timm's `fused_attn`) records nothing instead of
-        MISSING: the fused recorder records its map. `sdpa_capture` (per thread
-        that is on) and `capture_attention` (while recording) enter it.
-        """
-        with self._lock:
-            self._store.fused_recorders += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._store.fused_recorders -= 1
-
     # -- the cache --------------------------------------------------------
 
     @property
@@ -385,7 +338,8 @@ class GetLocal:
 
     @property
     def store(self) -> CaptureStore:
-        """The CaptureStore captures go to: the seam fused and model-level capture share."""
+        """The CaptureStore captures go to: the seam fused and model-level capture share
+        (keys of functions, the buffer pool, scoped caches)."""
         return self._store
 
     @property
@@ -399,12 +353,13 @@ class GetLocal:
         return self._store.policy
 
     def clear(self) -> None:
-        """Empty the cache (keys stay, each with a new empty list)."""
-        # While capture is on (or a capture() block is open in this thread) the
-        # next forward copies into the cleared arrays (see BufferPool); while
-        # off, nothing would, so they are let go.
-        store = self._store
-        store.clear(recycle=self._active or store.current() is not store.process_scope)
+        """Empty the cache (keys stay, each with a new empty list).
+
+        While capture is on (or another capture copies into the buffer pool)
+        the next forward copies into the cleared arrays (see BufferPool); while
+        off, nothing would, so they are freed.
+        """
+        self._store.clear()
 
     # -- instrumentation --------------------------------------------------
 
@@ -464,8 +419,7 @@ class GetLocal:
             if value is MISSING:
                 warn_missing(key, name)
                 return value
-            torch = sys.modules.get("torch")
-            if torch is not None and torch._C._current_autograd_node() is not None:
+            if _torch_internals.in_backward():
                 # Activation checkpointing re-running the forward during
                 # backward: not a new call.
                 return _NOT_RECORDED
@@ -473,20 +427,20 @@ class GetLocal:
             if chooser is not None:
                 value = _apply_select(chooser, value, key, name)
             if type(value) not in IMMUTABLE_TYPES:
-                if torch is not None:
+                if "torch" in sys.modules:
                     if not store.sinks_know_torch:
                         store.repoint()  # torch came after: sinks must check recompute
                     if _checked_process[0] != os.getpid():
                         _checked_process[0] = os.getpid()
-                        warn_child_process(key, torch)
-                    transform = _tracing_transform(torch, value)
+                        warn_child_process(key)
+                    transform = _tracing_transform(value)
                     if transform is not None:
                         warn_transform(key, name, transform)
                         return _NOT_RECORDED
-                    if torch._C._get_tracing_state() is not None:
+                    if _torch_internals.jit_tracing():
                         warn_tracing(key)
                 try:
-                    value = snapshot(value, store.policy)
+                    value = snapshot(value, store.policy, pool=store.pool)
                 except Exception as error:  # noqa: BLE001 - the user's call must go on
                     # An object snapshot cannot copy, or a tensor the policy cannot
                     # store (float8 or sparse into numpy, a meta tensor): a marker
@@ -498,8 +452,7 @@ class GetLocal:
         # A checkpointed forward re-run by autograd's backward is not a new
         # call (keep() checks this for values it copies). Bound once: torch is
         # loaded by the time a model's functions are switched on.
-        torch = sys.modules.get("torch")
-        in_backward = torch._C._current_autograd_node if torch is not None else None
+        in_backward = _torch_internals.autograd_node_getter()
 
         # The recorder's own cost is most of the cost of capture (see
         # benchmarks/), so the common case, one name, is written out in full:
@@ -526,23 +479,8 @@ class GetLocal:
                     value = keep(only_name, value)
                     if value is _NOT_RECORDED:
                         return
-                # CaptureStore.append, inlined: no thread-local lookup unless a
-                # capture() block is open, no lock (append is atomic).
-                scope = process_scope if not store.open_scopes else store.current()
-                entries = scope.cache.get(key)
-                if entries is None:
-                    entries = scope.cache.setdefault(key, scope.new_entries())
-                bound = scope.bound
-                if bound is None:
-                    entries.append(value)
-                    return
-                if type(entries) is not BoundedEntries or entries.maxlen != bound:
-                    entries = store.bounded_entries(scope, key)
-                full = len(entries) == bound  # then this append drops the oldest
-                entries.append(value)
-                next(entries.appends)
-                if full and not entries.warned:
-                    store.warn_bound(entries, key, bound)
+                # No thread-local lookup unless a capture() block is open.
+                (process_scope if not store.open_scopes else store.current()).append(key, value)
 
             return record
 
@@ -560,18 +498,7 @@ class GetLocal:
 
         return record_several
 
-    def _warn_once(self, token, message, calls_below_recorder):
-        """Warn about `token` (what, function[, name]) the first time only.
-
-        The warning points at the captured function: above this method, the
-        warn_* helper, `calls_below_recorder` frames, and the recorder.
-        """
-        if token in self._warned:
-            return
-        self._warned.add(token)
-        warnings.warn(message, RuntimeWarning, stacklevel=4 + calls_below_recorder)
-
-    def _warn_child_process(self, key, torch):
+    def _warn_child_process(self, key):
         """Say so when a capture happens where its cache cannot reach the user's process."""
         where = None
         data = sys.modules.get("torch.utils.data")
@@ -581,7 +508,7 @@ class GetLocal:
             where = f"DataLoader worker {info.id} of {info.num_workers}"
         elif (
             parent is not None
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            and not _distributed_initialized()
             and "RANK" not in os.environ
         ):
             where = f"child process {os.getpid()} of process {parent.pid}"
@@ -593,7 +520,6 @@ class GetLocal:
             "get_local.cache and never reach the parent process. Run the decorated code in the "
             "main process to look at it (e.g. DataLoader(num_workers=0)), or send the values "
             "back yourself (warned once per process)",
-            calls_below_recorder=1,  # keep()
         )
 
     def _warn_not_captured(self, key, name, error):
@@ -601,7 +527,6 @@ class GetLocal:
             ("not captured", key, name),
             f"get_local: {name!r} in {key} could not be stored ({error}); its cache entry is "
             "visualizer.NOT_CAPTURED (warned once per function and name)",
-            calls_below_recorder=1,  # keep()
         )
 
     def _warn_transform(self, key, name, transform):
@@ -610,7 +535,6 @@ class GetLocal:
             f"get_local: {key} ran under {transform}, where {name!r} is not a concrete value; "
             "such calls are not recorded (the call itself runs as without capture; warned "
             "once per function)",
-            calls_below_recorder=1,  # keep()
         )
 
     def _warn_tracing(self, key):
@@ -618,7 +542,6 @@ class GetLocal:
             ("trace", key),
             f"get_local: {key} was captured while torch.jit.trace was tracing it; the traced "
             "module runs no Python code and will not capture when it is called",
-            calls_below_recorder=1,  # keep()
         )
 
     def _warn_left_to_fused(self, key, names):
@@ -629,7 +552,6 @@ class GetLocal:
             "records the attention weights of their scaled_dot_product_attention calls under "
             "the same key) or capture_attention (under the module's path) (warned once per "
             "function)",
-            calls_below_recorder=0,
         )
 
     def _warn_not_called(self, key):
@@ -652,7 +574,6 @@ class GetLocal:
             f"get_local: nothing was captured for {key}: it is switched on, but no call of it "
             f"was recorded since capture was switched on or the cache cleared; the code that "
             f"ran most likely did not call it.{hint} (warned once per function)",
-            calls_below_recorder=0,
         )
 
     def _warn_missing(self, key, name):
@@ -660,7 +581,6 @@ class GetLocal:
             ("missing", key, name),
             f"get_local: {name!r} was not bound when {key} returned; its cache entry is "
             "visualizer.MISSING (warned once per function and name)",
-            calls_below_recorder=1,  # keep()
         )
 
 
@@ -681,29 +601,32 @@ def _run_eagerly_under_compile(function, code):
     """
     if "torch" not in sys.modules:
         return
-    from torch._dynamo.eval_frame import skip_code
-
-    skip_code(code)
+    _torch_internals.skip_in_dynamo(code)
     # The recorders' own frames (record, keep, ...: the nested functions of
     # _make_recorder, one code object each for all recorders) are not worth
     # compiling either: Dynamo would only graph-break inside them.
     for constant in GetLocal._make_recorder.__code__.co_consts:
         if isinstance(constant, types.CodeType):
-            skip_code(constant)
+            _torch_internals.skip_in_dynamo(constant)
     # The attribute Dynamo's inliner checks for torch.compiler.disable'd
     # functions; removed again by deactivate().
-    function._torchdynamo_disable = True
+    setattr(function, _torch_internals.DYNAMO_DISABLE_ATTRIBUTE, True)
 
 
-def _tracing_transform(torch, value):
+def _distributed_initialized():
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
+
+
+def _tracing_transform(value):
     """The transform tracing `value` instead of computing it, or None.
 
     torch.func (vmap, grad, jacrev, ...) wraps tensors in levels, torch.export
     runs on fake and functional tensors, torch.fx.symbolic_trace passes Proxy
     objects: none of them holds the numbers a call computes.
     """
-    if isinstance(value, torch.Tensor):
-        if torch._C._functorch.is_functorch_wrapped_tensor(value):
+    if is_torch_tensor(value):
+        if _torch_internals.is_functorch_wrapped(value):
             return "a torch.func transform (vmap, grad, jacrev, ...)"
         if type(value).__name__ in ("FakeTensor", "FunctionalTensor"):
             return "torch.export or fake-tensor tracing"
@@ -807,3 +730,27 @@ def _describe(obj):
 
 
 get_local = GetLocal()
+
+
+# A decorated function pickled by value while capture is on (cloudpickle, the
+# path of joblib, Ray and Dask) takes its recorder along, and with it the
+# store, its scope and fast sink: in the receiving process they are that
+# process's get_local's, so the function captures into its cache there.
+copyreg.pickle(CaptureStore, lambda store: (_process_store, ()))
+copyreg.pickle(Scope, lambda scope: (_process_scope, ()))
+copyreg.pickle(FastSink, lambda sink: (_process_sink, (sink.key, sink.fallback, sink.counted)))
+
+
+def _process_store():
+    """This process's get_local store."""
+    return get_local.store
+
+
+def _process_scope():
+    """This process's process-wide get_local scope."""
+    return get_local.store.process_scope
+
+
+def _process_sink(key, fallback, counted):
+    """This process's get_local fast sink for `key`."""
+    return get_local.store.fast_sink(key, fallback, counted)

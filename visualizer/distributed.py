@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ._errors import VisualizerError
-from .attention import AttentionMaps
+from .maps import AttentionMaps
 
 # A rank's cache: `get_local.cache` (key -> list of entries) or `AttentionMaps`.
 Cache = Dict[str, List[Any]]
@@ -124,8 +124,5 @@ def _to_cpu(value: Any) -> Any:
 def _restore(payload: _Payload, like: Cache) -> Cache:
     """A received cache, as the type the caller passed."""
     if isinstance(like, AttentionMaps):
-        maps = AttentionMaps()
-        maps.update(payload["entries"])
-        maps.dropped.update(payload["dropped"])
-        return maps
+        return AttentionMaps.restored(payload["entries"], payload["dropped"])
     return dict(payload["entries"])

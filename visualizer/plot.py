@@ -66,9 +66,10 @@ from ._arrays import (
     to_numpy,
 )
 from ._errors import VisualizerError
-from .analysis import ImageGeometry, find_artifact_tokens, rollout_cls_attention
+from .analysis import find_artifact_tokens, rollout_cls_attention
 from .analysis import cls_attention as _cls_attention  # `cls_attention` is the plot below
 from .analysis import threshold_mask, upsample_to_image
+from .geometry import ImageGeometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

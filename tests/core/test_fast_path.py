@@ -1,5 +1,5 @@
 """The fast path: immutable values of a one-name capture go to the cache's list without
-entering the recorder (see visualizer.cache.FastSink). Torch-free: runs on every Python.
+entering the recorder (see visualizer.store.FastSink). Torch-free: runs on every Python.
 
 The oracle for "without the recorder" is a profile function that sees every Python
 call; the oracle for where values land is the list each step of the test expects.
@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from visualizer.cache import StoragePolicy
+from visualizer.policy import StoragePolicy
 
 
 def recorder_calls(function, *arguments):
