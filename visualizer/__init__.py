@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     # imported at runtime here).
     from .attention import AttentionMaps, capture_attention
     from .distributed import all_gather, gather
+    from .explorer import explore
     from .fused import sdpa_capture
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "VisualizerError",
     "all_gather",
     "capture_attention",
+    "explore",
     "gather",
     "get_local",
     "load_cache",
@@ -48,6 +50,10 @@ def __getattr__(name: str) -> Any:
         from . import distributed
 
         return getattr(distributed, name)
+    if name == "explore":
+        from .explorer import explore
+
+        return explore
     raise AttributeError(f"module 'visualizer' has no attribute {name!r}")
 
 

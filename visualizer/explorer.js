@@ -1,7 +1,7 @@
 // The attention explorer of visualizer.explore: one instance per root element.
 // Everything it needs is in the page: no request, no module loader, no kernel.
 // Drawing is on <canvas>; text reaches the page only through textContent and
-// fillText, never as HTML, so a token "<script>" is shown, not run.
+// fillText, never as HTML, so a token that looks like markup is shown, not run.
 (function () {
   "use strict";
 
