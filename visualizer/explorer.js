@@ -318,10 +318,19 @@
     }
 
     // ---------------------------------------------------------------- cross: query list
+    var queryListOf = null;  // the layer whose queries the list holds
     function drawQueryList(layer) {
-      queryList.textContent = "";
       queryList.style.display = layer.kind === "cross" && state.view === "cross" ? "" : "none";
       if (queryList.style.display === "none") return;
+      if (queryListOf === layer) {
+        // Built once per layer: rebuilding under the mouse would lose the hover.
+        Array.prototype.forEach.call(queryList.children, function (item) {
+          item.className = "vx-query" + (Number(item.getAttribute("data-query")) === state.query ? " vx-active" : "");
+        });
+        return;
+      }
+      queryListOf = layer;
+      queryList.textContent = "";
       var names = labelsOf(layer.queryLabels, 0);
       layer.rows.forEach(function (query) {
         var item = el("button", "vx-query" + (query === state.query ? " vx-active" : ""), queryList,
@@ -351,6 +360,11 @@
       }
       return padded;
     }
+    function maskedKeys(layer) {
+      var padded = layer.padded || (layer.padded = paddedKeys(layer)), masked = [];
+      for (var k = 0; k < padded.length; k++) if (padded[k]) masked.push(k);
+      return masked;
+    }
     function drawHeadView(layer) {
       var g = tokenGeometry(layer);
       canvas.width = g.width; canvas.height = g.height;
@@ -373,15 +387,15 @@
       var lines = layer.rows.length * layer.keys * heads.length;
       var onlyHovered = lines > LINE_CAP && state.query === null && state.key === null;
       context.lineWidth = 2;
-      var shown = null;
-      heads.forEach(function (head, index) {
+      var shown = [];  // the hovered query's row, per head drawn
+      heads.forEach(function (head) {
         var color = typeof head === "number" ? HEAD_COLORS[layer.heads[head] % 10] : "#1f77b4";
         context.strokeStyle = color;
         layer.rows.forEach(function (query, slot) {
           if (state.query !== null && state.query !== query) return;
           if (onlyHovered) return;
           var values = fusedRow(layer, head, slot);
-          if (state.query === query && (index === 0 || heads.length === 1)) shown = values;
+          if (state.query === query) shown.push(Array.prototype.slice.call(values));
           for (var k = 0; k < layer.keys; k++) {
             if (state.key !== null && state.key !== k) continue;
             if (values[k] <= 0) continue;
@@ -403,9 +417,11 @@
       }
       prefixBox.textContent = "";
       legend.width = 0; legend.height = 0;
-      drawn = shown ? {values: Array.prototype.slice.call(shown), query: state.query} : {values: null, query: state.query};
+      // One head: its row; all heads: one row per head.
+      drawn = {values: shown.length === 0 ? null : shown.length === 1 && state.head !== "all" ? shown[0] : shown,
+               query: state.query};
       readout.textContent = onlyHovered ? "Hover a token: " + lines + " lines are too many to draw at once." :
-        state.query !== null ? "query " + g.queries[state.query] + (state.key !== null && shown ? "  →  " + g.keys[state.key] + ": " + fmt(shown[state.key]) : "") :
+        state.query !== null ? "query " + g.queries[state.query] :
         "Hover a token on the left (queries) or right (keys) to isolate it; line opacity is the weight.";
       message.textContent = "";
     }
@@ -605,7 +621,8 @@
       return {layer: layer.name, layerIndex: state.layer, kind: layer.kind, view: state.view,
               head: state.head, heads: layer.heads, rows: layer.rows, query: state.query,
               key: state.key, pinned: state.pinned, drawn: drawn, message: message.textContent,
-              readout: readout.textContent, leftOut: leftOut ? leftOut.textContent : null};
+              readout: readout.textContent, leftOut: leftOut ? leftOut.textContent : null,
+              maskedKeys: layer.kind === "tokens" ? maskedKeys(layer) : null};
     };
 
     fillViews(); fillHeads();
