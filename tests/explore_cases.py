@@ -88,7 +88,7 @@ def payload(page_html):
     arrays, and per layer its values ``(H, R, K)`` as the encoding defines them.
     """
     match = re.search(
-        r'<script type="application/json" class="visualizer-explorer-data">(.*?)</script>',
+        r'<script[^>]*class="visualizer-explorer-data"[^>]*>(.*?)</script>',
         page_html,
         re.S,
     )

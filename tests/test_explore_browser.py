@@ -98,7 +98,9 @@ class Opened:
         return self.api(root_id, "state()")
 
     def canvas_box(self, root_id):
-        return self.page.locator(f"#{root_id} canvas.vx-canvas").bounding_box()
+        canvas = self.page.locator(f"#{root_id} canvas.vx-canvas")
+        canvas.scroll_into_view_if_needed()  # the mouse reaches what is in the viewport
+        return canvas.bounding_box()
 
 
 @pytest.fixture
