@@ -22,7 +22,9 @@ BOUND_PER_ROW_MAX = 1 / 508 + 1e-6
 
 
 def vit_case(rows=None, seed=0):
-    """The examples' toy ViT (8x8 patches of 4 px + CLS + 2 registers), peaked random weights."""
+    """The examples' toy ViT (8x8 patches of 4 px + CLS + 2 registers), peaked random weights,
+    on a drawn scene."""
+    from examples.shapes_data import MEAN, STD, make_shapes
     from examples.toy_vit import VisionTransformer
 
     torch.manual_seed(seed)
@@ -32,10 +34,11 @@ def vit_case(rows=None, seed=0):
         for block in model.blocks:
             block.attn.qkv.weight.mul_(6)
     model.eval()
-    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
+    # A drawn scene (normalized with MEAN, STD), so a screenshot shows an image.
+    image = make_shapes(1, np.random.default_rng(seed + 1), image_size=32).images
     with capture_attention(model, rows=rows) as maps, torch.no_grad():
         model(image)
-    geometry = ImageGeometry.from_model(model, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    geometry = ImageGeometry.from_model(model, mean=MEAN, std=STD)
     return SimpleNamespace(model=model, maps=maps, image=image, geometry=geometry)
 
 

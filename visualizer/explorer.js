@@ -399,7 +399,7 @@
           for (var k = 0; k < layer.keys; k++) {
             if (state.key !== null && state.key !== k) continue;
             if (values[k] <= 0) continue;
-            context.globalAlpha = Math.min(1, values[k] / heads.length * (heads.length > 1 ? 1.5 : 1));
+            context.globalAlpha = Math.min(1, values[k]);  // opacity is the weight, as in BertViz
             context.beginPath();
             context.moveTo(g.left, 5 + ROW * slot + ROW / 2);
             context.lineTo(g.right, 5 + ROW * k + ROW / 2);
