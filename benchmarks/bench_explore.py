@@ -19,7 +19,8 @@ Cases:
   float32), of which the 10 MB page embeds what fits (said on the page);
 - DINOv2 at 518 px, CLS rows only (``rows=0`` captures): 12 x 12 x 1 x 1370.
 
-Run: python benchmarks/bench_explore.py    (needs: apt-get install -y chromium && pip install playwright)
+Run: python benchmarks/bench_explore.py
+(needs: apt-get install -y chromium && pip install playwright)
 """
 
 import argparse

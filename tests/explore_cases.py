@@ -28,7 +28,9 @@ def vit_case(rows=None, seed=0):
     from examples.toy_vit import VisionTransformer
 
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=(32, 32), patch_size=4, depth=3, num_heads=4, num_registers=2)
+    model = VisionTransformer(
+        img_size=(32, 32), patch_size=4, depth=3, num_heads=4, num_registers=2
+    )
     with torch.no_grad():
         # Larger q/k weights than the init's: peaked maps whose argmax is clear.
         for block in model.blocks:

@@ -105,7 +105,8 @@ def test_every_input_form_gives_the_same_page_data(vit):
         low_precision = "16" in form
         for got, want in zip(values, reference):
             # bf16/fp16 inputs differ from the float32 maps by their own rounding.
-            np.testing.assert_allclose(got, want, atol=0.01 if low_precision else 1e-6, err_msg=form)
+            tolerance = 0.01 if low_precision else 1e-6
+            np.testing.assert_allclose(got, want, atol=tolerance, err_msg=form)
     single = layer_values(explore(stack[0, 0]))  # (H, Q, K)
     np.testing.assert_allclose(single[0], reference[0], atol=1e-6)
 
@@ -115,7 +116,8 @@ def test_layer_names_are_module_paths_and_calls():
     maps["encoder.0.attn"] = [softmax_maps((1, 2, 4, 4), 0), softmax_maps((1, 2, 4, 4), 1)]
     maps["decoder.0.attn"] = [softmax_maps((1, 2, 4, 4), 2)]
     page = explore(maps)
-    assert page.layer_names == ["encoder.0.attn [call 0]", "encoder.0.attn [call 1]", "decoder.0.attn"]
+    calls = ["encoder.0.attn [call 0]", "encoder.0.attn [call 1]"]
+    assert page.layer_names == [*calls, "decoder.0.attn"]
     assert explore(maps, layers="decoder.*").layer_names == ["decoder.0.attn"]
     assert explore(maps, layers=[2, 0]).layer_names == ["encoder.0.attn [call 0]", "decoder.0.attn"]
 

@@ -97,6 +97,8 @@
 
     // ---------------------------------------------------------------- page
     root.setAttribute("data-ready", "0");
+    var fallback = root.querySelector(".vx-fallback");
+    if (fallback) root.removeChild(fallback);
     var old = root.querySelector(".vx-app");
     if (old) root.removeChild(old);  // the same output drawn again
     var app = el("div", "vx-app", root);

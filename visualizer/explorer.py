@@ -45,7 +45,6 @@ from ._arrays import (
     ArrayOrTensor,
     check_index,
     check_probabilities,
-    grid_shape,
     is_integer_data,
     is_torch_tensor,
     to_numpy,
@@ -128,9 +127,10 @@ def explore(
         rows: query rows to embed (all by default; ``0`` keeps the CLS row).
         rollout: add attention rollout (mean of heads) as a layer option of
             the image view.
-        max_bytes: page size budget. Maps that do not fit are left out, in
-            order (rollout, then layers in order, head by head, then rows); the
-            page and a warning say what was left out and how to choose.
+        max_bytes: page size budget. What does not fit is left out from the
+            end: the layers are kept in order (rollout last), head by head, and
+            when not one head fits, the first query rows of the first; the page
+            and a warning say what was left out and how to choose.
 
     Returns:
         an :class:`Explorer`: it displays itself in a notebook and has ``.save(path)``.
@@ -220,7 +220,7 @@ class Explorer:
         # Everything but the maps, with room for the layer table, counts
         # against the budget first.
         fixed = len(script) + len(style) + len(json.dumps(header)) + 2000 + 300 * len(layers)
-        kept, self.left_out = _fit(layers, (max_bytes - fixed) * 3 // 4, max_bytes, grids)
+        kept, self.left_out = _fit(layers, (max_bytes - fixed) * 3 // 4, max_bytes)
         blob, scales, table = _encode(kept, grids)
         payload = {
             **header,
@@ -241,6 +241,10 @@ class Explorer:
         self._fragment = (
             f'<div class="visualizer-explorer" id="{self.id}">'
             f"<style>{style}</style>"
+            # Shown until the script replaces it: an untrusted notebook does
+            # not run its outputs' scripts.
+            '<div class="vx-fallback">Attention explorer: this needs the output\'s script to '
+            "run. If you see this text, trust the notebook (or open the saved .html file).</div>"
             f'<script type="application/json" class="visualizer-explorer-data">{data}</script>'
             f"<script>{script}\nwindow.visualizerExplorer(document.getElementById({json.dumps(self.id)}));"
             "</script></div>"
@@ -320,7 +324,7 @@ def _named_layers(maps: Any, batch: int, func: str) -> List[_Layer]:
 
 
 def _item(entry: Any, batch: int, func: str, name: str) -> np.ndarray:
-    """Batch item ``batch`` of one map ``(B, H, Q, K)`` (or ``(H, Q, K)``) as float ``(H, Q, K)``."""
+    """Item ``batch`` of one map ``(B, H, Q, K)`` (or ``(H, Q, K)``) as float ``(H, Q, K)``."""
     shape = tuple(entry.shape) if hasattr(entry, "shape") else np.shape(entry)
     if len(shape) == 4:
         entry = entry[check_index(batch, shape[0], func, "batch")]
@@ -342,7 +346,11 @@ def _choose_layers(named: List[_Layer], layers: Optional[LayerChoice], func: str
         if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
             matches = [check_index(choice, len(named), func, "layers")]
         elif isinstance(choice, str):
-            matches = [i for i, layer in enumerate(named) if fnmatch.fnmatchcase(layer.name, choice)]
+            matches = [
+                index
+                for index, layer in enumerate(named)
+                if fnmatch.fnmatchcase(layer.name, choice)
+            ]
         else:
             raise VisualizerError(
                 f"{func}: layers must be globs over layer names or indices; got {choice!r}"
@@ -366,9 +374,7 @@ def _labels(values: Optional[Sequence[Any]], func: str, name: str) -> Optional[L
     return [str(value) for value in values]
 
 
-def _image_grid(
-    layer: _Layer, layout: ImageGeometry, func: str
-) -> Optional[Tuple[int, int]]:
+def _image_grid(layer: _Layer, layout: ImageGeometry) -> Optional[Tuple[int, int]]:
     """The patch grid of ``layer``'s keys under ``layout``, or None if they are not patches."""
     keys = layer.array.shape[-1]
     if layout.grid_size is not None:
@@ -389,7 +395,7 @@ def _classify(
 ) -> None:
     """Set ``layer.kind`` (and its labels) from its shape and what labels the user gave."""
     _, queries, keys = layer.array.shape
-    grid = None if layout is None else _image_grid(layer, layout, func)
+    grid = None if layout is None else _image_grid(layer, layout)
     if grid is not None and not (tokens is not None and len(tokens) == keys):
         grids[layer.name] = grid
         prefix = layout.num_prefix_tokens if layout is not None else 0
@@ -563,7 +569,7 @@ def _unit_bytes(layer: _Layer) -> int:
 
 
 def _fit(
-    layers: List[_Layer], budget: int, max_bytes: int, grids: Dict[str, Tuple[int, int]]
+    layers: List[_Layer], budget: int, max_bytes: int
 ) -> Tuple[List[_Layer], Optional[str]]:
     """The layers (heads, rows) that fit ``budget`` bytes, in order; and what was left out."""
     total = sum(_unit_bytes(layer) * layer.array.shape[0] for layer in layers)
@@ -660,7 +666,7 @@ def _encode(
     code_offset = scale_offset = 0
     for layer in layers:
         codes, peaks = encode_rows(layer.array)
-        heads, row_count, keys = layer.array.shape
+        keys = layer.array.shape[2]
         table.append(
             {
                 "name": layer.name,
