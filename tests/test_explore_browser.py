@@ -254,6 +254,7 @@ def test_a_cls_row_capture_shows_its_row_and_says_what_needs_full_maps(open_page
 
 
 def test_token_views_of_an_encoder_decoder_under_module_names(open_page):
+    pytest.importorskip("transformers")
     case = bart_case()
     page = explore(case.maps, tokens=case.tokens, query_tokens=case.query_tokens, batch=1)
     opened = open_page(page)
@@ -274,6 +275,10 @@ def test_token_views_of_an_encoder_decoder_under_module_names(open_page):
     opened.page.select_option(f"#{page.id} select.vx-head", "1")
     opened.page.mouse.move(box["x"] + 100, box["y"] + 5 + 18 * 4 + 9)
     assert_drawn(opened.state(page.id)["drawn"]["values"], item[1, 4], item[1:2, 4])
+    # Keys on the right: hovering one isolates the lines into it.
+    opened.page.mouse.move(box["x"] + 340, box["y"] + 5 + 18 * 6 + 9)
+    state = opened.state(page.id)
+    assert state["key"] == 6 and state["query"] is None
 
     # The decoder's self-attention is causal: its upper triangle is masked.
     opened.api(page.id, f"setLayer({'model.decoder.layers.0.self_attn'!r})")
