@@ -197,9 +197,12 @@
       var zoom = MAIN_SIZE / Math.max(height, width);
       return {grid: grid, width: Math.round(width * zoom), height: Math.round(height * zoom)};
     }
+    var scratch = document.createElement("canvas");  // one grid-sized canvas, reused per draw
     function heatCanvas(values, grid, start, top, cmap) {
-      var cells = document.createElement("canvas");
-      cells.width = grid[1]; cells.height = grid[0];
+      var cells = scratch;
+      if (cells.width !== grid[1] || cells.height !== grid[0]) {
+        cells.width = grid[1]; cells.height = grid[0];
+      }
       var cellContext = cells.getContext("2d");
       var image = cellContext.createImageData(grid[1], grid[0]);
       var table = LUTS[cmap], count = grid[0] * grid[1];
@@ -295,7 +298,11 @@
         g.fillText(fmt(value), 204, 11);
       }
     }
+    var thumbsDrawn = null;  // what the thumbnails show: redrawn only when it changes
     function drawThumbs(layer, slot, frame) {
+      var showing = state.layer + "|" + slot + "|" + state.head;
+      if (thumbsDrawn === showing) return;
+      thumbsDrawn = showing;
       right.textContent = "";
       if (layer.heads.length < 2) return;
       layer.heads.forEach(function (_, h) {
@@ -499,6 +506,7 @@
     function redraw() {
       var begin = performance.now();
       var layer = currentLayer();
+      if (state.view === "matrix" || state.view === "head view") thumbsDrawn = null;
       drawQueryList(layer);
       if (state.view === "matrix") drawMatrix(layer);
       else if (state.view === "head view") drawHeadView(layer);
