@@ -85,6 +85,13 @@ class _Layer:
         self.query_labels: Optional[str] = None  # "tokens", "query_tokens" or None
         self.key_labels: Optional[str] = None
 
+    def first(self, heads: int, rows: int) -> "_Layer":
+        """The same layer cut to its first ``heads`` heads and first ``rows`` query rows."""
+        part = _Layer(self.name, self.array[:heads, :rows])
+        part.kind, part.heads, part.rows = self.kind, self.heads[:heads], self.rows[:rows]
+        part.query_labels, part.key_labels = self.query_labels, self.key_labels
+        return part
+
 
 def explore(
     maps: Any,
@@ -588,10 +595,7 @@ def _fit(
                     f"{_WHO}: max_bytes={max_bytes} leaves no room for one query row of "
                     f"{layer.name!r} ({layer.array.shape[2]} keys); raise max_bytes"
                 )
-            part = _Layer(layer.name, layer.array[:1, :row_count])
-            part.kind, part.heads, part.rows = layer.kind, layer.heads[:1], layer.rows[:row_count]
-            part.query_labels, part.key_labels = layer.query_labels, layer.key_labels
-            kept.append(part)
+            kept.append(layer.first(1, row_count))
             left.append(
                 f"{layer.name!r}: heads {_spans(layer.heads[1:])} and query rows "
                 f"{_spans(layer.rows[row_count:])} of head {layer.heads[0]}"
@@ -603,13 +607,8 @@ def _fit(
             left.append(f"{len(names)} layers: {', '.join(repr(name) for name in names)}")
             break
         if count < layer.array.shape[0]:
-            part = _Layer(layer.name, layer.array[:count])
-            part.kind, part.heads, part.rows = layer.kind, layer.heads[:count], layer.rows
-            part.query_labels, part.key_labels = layer.query_labels, layer.key_labels
             left.append(f"{layer.name!r}: heads {_spans(layer.heads[count:])}")
-            kept.append(part)
-        else:
-            kept.append(layer)
+        kept.append(layer.first(count, len(layer.rows)))
         remaining -= count * _unit_bytes(layer)
     message = (
         f"the maps take {total * 4 / 3 / 1e6:.1f} MB and the page is limited to "
