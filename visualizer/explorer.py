@@ -253,7 +253,10 @@ class Explorer:
             '<div class="vx-fallback">Attention explorer: this needs the output\'s script to '
             "run. If you see this text, trust the notebook (or open the saved .html file).</div>"
             f'<script type="application/json" class="visualizer-explorer-data">{data}</script>'
-            f"<script>{script}\nwindow.visualizerExplorer(document.getElementById({json.dumps(self.id)}));"
+            # Its own parent, found from the running script: JupyterLab runs an
+            # output's scripts before the output is in the document, where
+            # getElementById would find nothing.
+            f"<script>{script}\nwindow.visualizerExplorer(document.currentScript.parentNode);"
             "</script></div>"
         )
         self.html = (
