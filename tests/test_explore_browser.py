@@ -14,6 +14,7 @@ Needs Debian's chromium and Playwright for Python (`.ci/run` installs both):
 Without them the module is skipped with that command as the reason.
 """
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -361,6 +362,28 @@ def test_two_explorers_on_one_page_do_not_interfere(vit, open_page, tmp_path):
     # Each script replaced its own "needs the script to run" text.
     assert opened.page.locator(".vx-fallback").count() == 0
     assert opened.page.locator(".visualizer-explorer .vx-app").count() == 2
+
+
+def test_an_output_inserted_as_jupyterlab_inserts_it(vit, open_page, tmp_path):
+    # JupyterLab (and VS Code) put a trusted HTML output in with innerHTML, whose
+    # scripts never run, then replace each script with a fresh copy, which runs.
+    page = explore(vit.maps, image=vit.image, geometry=vit.geometry)
+    fragment = json.dumps(page._repr_html_()).replace("</", "<\\/")
+    host = tmp_path / "host.html"
+    host.write_text(
+        "<!DOCTYPE html><html><body><script>"
+        f"const output = document.createElement('div'); output.innerHTML = {fragment};"
+        "for (const old of output.querySelectorAll('script')) {"
+        "  const fresh = document.createElement('script');"
+        "  for (const a of old.attributes) fresh.setAttribute(a.name, a.value);"
+        "  fresh.textContent = old.textContent; old.replaceWith(fresh); }"
+        "document.body.appendChild(output);"
+        "</script></body></html>"
+    )
+    opened = open_page(host)
+    box = opened.canvas_box(page.id)
+    opened.page.mouse.move(*patch_centre(box, (8, 8), 6, 1))
+    assert opened.state(page.id)["query"] == 3 + 6 * 8 + 1
 
 
 def test_screenshot_and_the_save_png_control(vit, open_page, tmp_path):
