@@ -254,6 +254,19 @@ def test_a_cls_row_capture_shows_its_row_and_says_what_needs_full_maps(open_page
 # ------------------------------------------------------------------ tokens
 
 
+def matrix_mouse(opened, root_id):
+    """``(query row, key) -> (x, y)`` on the screen of the matrix view's cell."""
+    box, frame = opened.canvas_box(root_id), opened.state(root_id)["matrix"]
+    width = opened.page.evaluate(
+        f"document.querySelector('#{root_id} canvas.vx-canvas').width"
+    )
+    scale = box["width"] / width  # css pixels per canvas pixel
+    return lambda row, key: (
+        box["x"] + (frame["left"] + (key + 0.5) * frame["cell"]) * scale,
+        box["y"] + (frame["top"] + (row + 0.5) * frame["cell"]) * scale,
+    )
+
+
 def test_token_views_of_an_encoder_decoder_under_module_names(open_page):
     pytest.importorskip("transformers")
     case = bart_case()
@@ -284,21 +297,20 @@ def test_token_views_of_an_encoder_decoder_under_module_names(open_page):
     # The decoder's self-attention is causal: its upper triangle is masked.
     opened.api(page.id, f"setLayer({'model.decoder.layers.0.self_attn'!r})")
     opened.api(page.id, "setView('matrix')")
-    box = opened.canvas_box(page.id)
-    cell = box["width"] / 5
-    opened.page.mouse.move(box["x"] + 3.5 * cell, box["y"] + 0.5 * cell)  # query 0, key 3
+    matrix_cell = matrix_mouse(opened, page.id)
+    opened.page.mouse.move(*matrix_cell(0, 3))
     assert "masked" in opened.state(page.id)["readout"]
-    opened.page.mouse.move(box["x"] + 0.5 * cell, box["y"] + 3.5 * cell)  # query 3, key 0
+    opened.page.mouse.move(*matrix_cell(3, 0))
     state = opened.state(page.id)
     assert "masked" not in state["readout"] and "d3" in state["readout"]
 
     # A token that is markup is shown as text and never runs.
     opened.api(page.id, f"setLayer({'model.encoder.layers.0.self_attn'!r})")
     opened.api(page.id, "setView('matrix')")
-    box = opened.canvas_box(page.id)
-    cell = box["width"] / 8
-    opened.page.mouse.move(box["x"] + 2.5 * cell, box["y"] + 0.5 * cell)
-    assert case.tokens[2] in opened.state(page.id)["readout"]
+    opened.page.mouse.move(*matrix_mouse(opened, page.id)(0, 2))
+    state = opened.state(page.id)
+    assert state["query"] == 0 and state["key"] == 2
+    assert case.tokens[2] in state["readout"]
     assert opened.page.evaluate("window.__injected") is None
 
 

@@ -444,11 +444,17 @@
       return {query: null, key: null};
     }
 
-    function matrixCell(layer) {
-      return Math.max(1, Math.min(16, Math.floor(520 / Math.max(layer.rows.length, layer.keys))));
+    // Where the matrix lies on the canvas: cells of `cell` px after margins
+    // for the token labels (drawn when cells are tall enough to read them).
+    var matrixFrame = null;
+    function matrixLayout(layer) {
+      var cell = Math.max(1, Math.min(28, Math.floor(520 / Math.max(layer.rows.length, layer.keys))));
+      var labelled = layer.kind === "tokens" && cell >= 10;
+      return {cell: cell, labelled: labelled, left: labelled ? 96 : 0, top: labelled ? 72 : 0};
     }
+    function shortLabel(text) { return text.length > 14 ? text.slice(0, 13) + "…" : text; }
     function drawMatrix(layer) {
-      var cell = matrixCell(layer), rowsCount = layer.rows.length, keys = layer.keys;
+      var cell = matrixLayout(layer).cell, rowsCount = layer.rows.length, keys = layer.keys;
       var head = state.head === "all" ? "mean" : state.head;
       var cacheKey = state.layer + "|" + head;
       if (!matrixCache || matrixCache.key !== cacheKey) {
@@ -474,19 +480,35 @@
         cellContext.putImageData(image, 0, 0);
         matrixCache = {key: cacheKey, cells: cells, all: all, top: top};
       }
-      canvas.width = keys * cell; canvas.height = rowsCount * cell;
+      var frame = matrixFrame = matrixLayout(layer), left = frame.left, top = frame.top;
+      canvas.width = left + keys * cell; canvas.height = top + rowsCount * cell;
       context.imageSmoothingEnabled = false;
-      context.drawImage(matrixCache.cells, 0, 0, canvas.width, canvas.height);
+      context.drawImage(matrixCache.cells, left, top, keys * cell, rowsCount * cell);
+      var queryNames = labelsOf(layer.queryLabels, layer.rows[rowsCount - 1] + 1);
+      var keyNames = layer.kind === "tokens" ? labelsOf(layer.keyLabels, keys) : null;
+      if (frame.labelled) {
+        context.fillStyle = "#222"; context.font = Math.min(12, cell - 1) + "px sans-serif";
+        context.textBaseline = "middle"; context.textAlign = "right";
+        layer.rows.forEach(function (query, r) {
+          context.fillText(shortLabel(queryNames[query]), left - 4, top + (r + 0.5) * cell);
+        });
+        context.textAlign = "left";
+        for (var k = 0; k < keys; k++) {
+          context.save();
+          context.translate(left + (k + 0.5) * cell, top - 4);
+          context.rotate(-Math.PI / 3);
+          context.fillText(shortLabel(keyNames[k]), 0, 0);
+          context.restore();
+        }
+      }
       var slot = state.query === null ? -1 : rowSlotOf(layer, state.query);
       context.strokeStyle = "#ff2d2d"; context.lineWidth = 1;
-      if (slot >= 0) context.strokeRect(0.5, slot * cell + 0.5, canvas.width - 1, cell);
-      if (state.key !== null) context.strokeRect(state.key * cell + 0.5, 0.5, cell, canvas.height - 1);
+      if (slot >= 0) context.strokeRect(left + 0.5, top + slot * cell + 0.5, keys * cell - 1, cell);
+      if (state.key !== null) context.strokeRect(left + state.key * cell + 0.5, top + 0.5, cell, rowsCount * cell - 1);
       var value = slot >= 0 && state.key !== null ? matrixCache.all[slot * keys + state.key] : null;
       prefixBox.textContent = "";
       right.textContent = "";
       drawLegend(matrixCache.top, value, "viridis");
-      var queryNames = labelsOf(layer.queryLabels, layer.rows[rowsCount - 1] + 1);
-      var keyNames = layer.kind === "tokens" ? labelsOf(layer.keyLabels, keys) : null;
       drawn = {values: slot >= 0 ? Array.prototype.slice.call(matrixCache.all.subarray(slot * keys, (slot + 1) * keys)) : null,
                query: slot >= 0 ? state.query : null};
       readout.textContent = slot >= 0 && state.key !== null ?
@@ -496,10 +518,12 @@
       message.textContent = "";
     }
     function cellAt(layer, event) {
-      var bounds = canvas.getBoundingClientRect();
-      var x = (event.clientX - bounds.left) / bounds.width, y = (event.clientY - bounds.top) / bounds.height;
-      if (x < 0 || x >= 1 || y < 0 || y >= 1) return null;
-      return {query: layer.rows[Math.floor(y * layer.rows.length)], key: Math.floor(x * layer.keys)};
+      var bounds = canvas.getBoundingClientRect(), frame = matrixFrame;
+      var x = (event.clientX - bounds.left) * canvas.width / bounds.width - frame.left;
+      var y = (event.clientY - bounds.top) * canvas.height / bounds.height - frame.top;
+      var row = Math.floor(y / frame.cell), key = Math.floor(x / frame.cell);
+      if (row < 0 || row >= layer.rows.length || key < 0 || key >= layer.keys) return null;
+      return {query: layer.rows[row], key: key};
     }
 
     // ---------------------------------------------------------------- control
@@ -632,7 +656,8 @@
               head: state.head, heads: layer.heads, rows: layer.rows, query: state.query,
               key: state.key, pinned: state.pinned, drawn: drawn, message: message.textContent,
               readout: readout.textContent, leftOut: leftOut ? leftOut.textContent : null,
-              maskedKeys: layer.kind === "tokens" ? maskedKeys(layer) : null};
+              maskedKeys: layer.kind === "tokens" ? maskedKeys(layer) : null,
+              matrix: state.view === "matrix" ? matrixFrame : null};
     };
 
     fillViews(); fillHeads();
