@@ -20,7 +20,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["visualizer", "visualizer.*"]),
-    package_data={"visualizer": ["py.typed"]},  # the package is typed (PEP 561)
+    # py.typed: the package is typed (PEP 561); the explorer's page is built
+    # from its script and style.
+    package_data={"visualizer": ["py.typed", "explorer.js", "explorer.css"]},
     python_requires=">=3.9",
     # The capture core needs only these; torch and matplotlib are extras so
     # the core installs (and is tested) on Pythons without them.
@@ -38,6 +40,8 @@ setup(
             "nbclient>=0.7",
             "ipykernel>=6",
             "mypy>=1.10",
+            "playwright>=1.40",
+            "nbconvert>=7",
         ],
     },
     classifiers=[

@@ -19,7 +19,8 @@ trains in a few hundred steps.
 It prints the share of each query's last-layer cross-attention that falls
 inside its object's box, against the share of the image the box covers
 (what attention spread evenly would give), before and after training, and
-draws each query's attention beside the image with its box.
+draws each query's attention beside the image with its box; explorer.html is
+the same scene as an interactive page (hover an object query to see its map).
 """
 import argparse
 import sys
@@ -35,7 +36,8 @@ from torch import nn  # noqa: E402
 
 from examples.shapes_data import MEAN, SHAPES, STD, make_scenes  # noqa: E402
 from examples.train import training_setup  # noqa: E402
-from visualizer import analysis, get_local, plot  # noqa: E402
+from visualizer import analysis, capture_attention, explore, get_local, plot  # noqa: E402
+from visualizer.analysis import ImageGeometry  # noqa: E402
 
 IMAGE_SIZE = 48
 NUM_OBJECTS = 3
@@ -202,6 +204,23 @@ def report(name, result):
     )
 
 
+def write_explorer(model, scenes, index, out):
+    """Scene ``index`` as out/explorer.html: encoder self-, decoder self- and cross-attention."""
+    with capture_attention(model) as maps, torch.no_grad():
+        model(scenes.images[index : index + 1])
+    # The keys of cross-attention are the feature-map cells: no prefix tokens.
+    geometry = ImageGeometry(grid_size=GRID, num_prefix_tokens=0, mean=MEAN, std=STD)
+    labels = [f"query {k} (object {k + 1} from the left)" for k in range(NUM_OBJECTS)]
+    page = explore(
+        maps,
+        image=scenes.images[index],
+        geometry=geometry,
+        query_tokens=labels,
+        boxes=scenes.boxes[index],
+    )
+    return page.save(out / "explorer.html")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/detr_cross_attention"))
@@ -233,8 +252,9 @@ def main(argv=None):
         std=STD,
     )
     fig.savefig(path, dpi=DPI)
-    print(f"figure written to {path}")
-    return {"before": before, "after": after, "figures": [path]}
+    explorer = write_explorer(model, scenes, index, args.out)
+    print(f"figure written to {path}, the interactive page to {explorer}")
+    return {"before": before, "after": after, "figures": [path], "explorer": explorer}
 
 
 if __name__ == "__main__":

@@ -131,6 +131,25 @@ Shaded: the fewest patches that hold 60% of each head's CLS attention.""",
     ),
     (
         "markdown",
+        """## Explore every layer and head interactively
+
+`explore` packs the maps into one self-contained page: hover a patch to see
+where it looks, pick a layer (named by its module path) and a head, or the
+mean / max over heads, or attention rollout; the head thumbnails follow the
+mouse. It needs no internet and no kernel: it keeps working in the saved
+notebook, in its HTML export and as a file (`.save("explorer.html")`).""",
+    ),
+    (
+        "code",
+        """from visualizer import capture_attention, explore
+from visualizer.analysis import ImageGeometry
+
+with capture_attention(model) as maps, torch.no_grad():
+    model(image)
+explore(maps, image=image, geometry=ImageGeometry.from_model(model, mean=MEAN, std=STD))""",
+    ),
+    (
+        "markdown",
         """## Mean attention distance and attention rollout, over a batch
 
 Every item and every head, not item 0 and the head mean only. Mean attention

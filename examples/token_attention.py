@@ -17,7 +17,8 @@ attention) and the reversal accuracy. With random weights every head sits at
 about 1/n; after training the routing head puts nearly all its attention on
 the anti-diagonal. `plot.tokens` (the heatmap) and `plot.head_view` (BertViz's
 lines) draw one held-out sequence before and after training, side by side,
-into --out (default out/token_attention).
+into --out (default out/token_attention); explorer.html is the trained
+model's attention on it as an interactive page (head view and matrix).
 """
 import argparse
 import string
@@ -34,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import nn  # noqa: E402
 
-from visualizer import analysis, capture_attention, plot  # noqa: E402
+from visualizer import analysis, capture_attention, explore, plot  # noqa: E402
 
 LENGTH = 8
 SYMBOLS = string.ascii_lowercase[:10]  # the vocabulary, one letter per token id
@@ -164,6 +165,14 @@ def draw(maps, ids, index, out):
     return paths
 
 
+def write_explorer(model, ids, index, out):
+    """Sequence ``index``'s attention as out/explorer.html, its letters as the tokens."""
+    with capture_attention(model) as maps, torch.no_grad():
+        model(ids[index : index + 1])
+    tokens = [SYMBOLS[token] for token in ids[index].tolist()]
+    return explore(maps, tokens=tokens).save(out / "explorer.html")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/token_attention"))
@@ -207,13 +216,15 @@ def run(args):
         0,
         args.out,
     )
+    explorer = write_explorer(model, held_out, 0, args.out)
     seconds = time.perf_counter() - started
-    print(f"figures written to {args.out}/ ({seconds:.1f} s)")
+    print(f"figures and {explorer.name} written to {args.out}/ ({seconds:.1f} s)")
     return {
         "before": before,
         "after": after,
         "uniform": uniform,
         "figures": figures,
+        "explorer": explorer,
         "seconds": seconds,
     }
 

@@ -19,7 +19,8 @@ training the CLS token looks at the object, at about three times that share.
 
 Figures go to --out (default out/vit_walkthrough) as <figure>_step<N>.png, with
 the trained weights as vit.pt for the mean-attention-distance and rollout
-examples (--checkpoint).
+examples (--checkpoint), and the trained model's maps as explorer.html: one
+self-contained page to hover every patch of every layer and head, offline.
 """
 import argparse
 import sys
@@ -40,7 +41,7 @@ from examples.train import (  # noqa: E402
     object_attention_share,
     train_vit,
 )
-from visualizer import get_local, plot  # noqa: E402
+from visualizer import capture_attention, explore, get_local, plot  # noqa: E402
 from visualizer.analysis import ImageGeometry  # noqa: E402
 
 DPI = 90
@@ -85,6 +86,16 @@ def draw(model, batch, index, out, stage):
     return paths
 
 
+def write_explorer(model, batch, index, out):
+    """The interactive explorer of image ``index``, every layer and head, as out/explorer.html."""
+    image = batch.images[index : index + 1]
+    # capture_attention names each map by its module path (blocks.0.attn, ...).
+    with capture_attention(model) as maps, torch.no_grad():
+        model(image)
+    geometry = ImageGeometry.from_model(model, mean=MEAN, std=STD)
+    return explore(maps, image=image, geometry=geometry).save(out / "explorer.html")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/vit_walkthrough"))
@@ -110,13 +121,17 @@ def main(argv=None):
 
     checkpoint = args.out / "vit.pt"
     torch.save(model.state_dict(), checkpoint)
+    explorer = write_explorer(model, batch, args.image, args.out)
     before, after = shares[0], shares[2 * args.steps]
-    print(f"{len(figures)} figures and the checkpoint {checkpoint.name} written to {args.out}/")
+    print(
+        f"{len(figures)} figures, the checkpoint {checkpoint.name} and {explorer.name} written to "
+        f"{args.out}/"
+    )
     print(
         f"last-layer CLS attention on the object: {before.on_object:.1%} before training, "
         f"{after.on_object:.1%} after (uniform share {after.uniform:.1%})"
     )
-    return {"shares": shares, "figures": figures, "checkpoint": checkpoint}
+    return {"shares": shares, "figures": figures, "checkpoint": checkpoint, "explorer": explorer}
 
 
 if __name__ == "__main__":

@@ -33,6 +33,14 @@ def capture_off_afterwards():
     get_local.deactivate()
 
 
+def assert_explorer(path):
+    """An explorer page that opens offline: the whole page, its data and script inline."""
+    page = path.read_text(encoding="utf-8")
+    assert path.name == "explorer.html" and page.startswith("<!DOCTYPE html>")
+    assert "visualizer-explorer-data" in page and "window.visualizerExplorer(" in page
+    assert "http://" not in page and "https://" not in page, f"{path} refers to the network"
+
+
 def assert_pngs(paths, count):
     assert len(paths) == count
     for path in paths:
@@ -66,6 +74,7 @@ def test_walkthrough_draws_every_figure_at_every_stage(walkthrough):
             assert f"{figure}_step{stage}.png" in names
         assert f"cls_attention_step{stage}.png" in names
     assert walkthrough["checkpoint"].stat().st_size > 0
+    assert_explorer(walkthrough["explorer"])
 
 
 def test_mean_attention_distance_moves_below_uniform_only_when_trained(walkthrough, tmp_path):
@@ -113,6 +122,14 @@ def test_detr_queries_attend_inside_their_boxes_after_training(tmp_path):
     assert after["inside"].min() > 2 * area, after["inside"]  # every query, not only on average
     assert after["inside"].mean() > before["inside"].mean() + 0.1
     assert after["iou"] > before["iou"] + 0.2
+    assert_explorer(result["explorer"])
+
+
+def test_token_example_writes_its_explorer(tmp_path):
+    from examples import token_attention
+
+    result = token_attention.main(["--out", str(tmp_path), "--steps", "20", "--held-out", "16"])
+    assert_explorer(result["explorer"])
 
 
 def test_huggingface_captures_equal_output_attentions_and_mean_something(tmp_path):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     # imported at runtime here).
     from .attention import AttentionRecorder, capture_attention
     from .distributed import all_gather, gather
+    from .explorer import explore
     from .fused import sdpa_capture
     from .maps import AttentionMaps
 
@@ -28,6 +29,7 @@ __all__ = [
     "VisualizerError",
     "all_gather",
     "capture_attention",
+    "explore",
     "gather",
     "get_local",
     "load_cache",
@@ -55,6 +57,10 @@ def __getattr__(name: str) -> Any:
         from . import distributed
 
         return getattr(distributed, name)
+    if name == "explore":
+        from .explorer import explore
+
+        return explore
     raise AttributeError(f"module 'visualizer' has no attribute {name!r}")
 
 
