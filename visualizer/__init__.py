@@ -2,6 +2,16 @@
 
 `analysis` (numbers from maps) and `plot` (figures) are submodules:
 `from visualizer import analysis, plot`.
+
+The layers, data flowing down (tests/core/test_layers.py holds each module to them):
+
+    capture (get_local)   fused (sdpa_capture)   attention (capture_attention)
+         |  function level: _rewrite   |  weights, _modes   |  model level: maps
+         v                             v                    v
+    store (Scope, BoundedEntries, fast sinks) <- snapshot <- policy, _pool   files
+         |
+         v
+    geometry -> analysis -> plot, explorer          (_torch_internals, _compat: gates)
 """
 from typing import TYPE_CHECKING, Any
 

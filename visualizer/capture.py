@@ -190,7 +190,7 @@ class GetLocal:
         """Turn capture on for every decorated function, now and later ones.
 
         The storage arguments set how values are stored; see `StoragePolicy`.
-        They are keyword-only: `activate(True)` once meant keep_on_device.
+        They are keyword-only, so `activate(True)` cannot be misread.
         `ranks` (an int or ints) switches capture on only in those processes
         of a torch.distributed job; elsewhere every function keeps running
         its original code (see `visualizer._ranks` for how a rank is known).
