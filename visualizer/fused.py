@@ -89,9 +89,9 @@ from typing import (
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import TorchFunctionMode
 
+from . import _torch_version
 from ._compat import PY311
 from ._errors import VisualizerError
 from ._modes import remove_mode
@@ -121,6 +121,9 @@ SdpaArguments = Tuple[
 # attention dispatchers (`sdpa_attention_forward`, ...), through which every
 # Hugging Face attention module calls SDPA.
 _SKIPPED_MODULES = ("torch", __name__, "transformers.integrations")
+
+if _torch_version.HAS_CAUSAL_BIAS:  # torch>=2.3; older torch has no CausalBias to pass
+    from torch.nn.attention.bias import CausalBias, CausalVariant
 
 
 class SdpaCapture:
@@ -419,7 +422,7 @@ def sdpa_weights(
         )
     )
     causal_offset: Optional[int] = 0 if is_causal else None
-    if isinstance(attn_mask, CausalBias):
+    if _torch_version.HAS_CAUSAL_BIAS and isinstance(attn_mask, CausalBias):
         # The bias subclasses stand for a causal mask aligned top-left or
         # bottom-right (the KV-cache convention): query i sees j <= i + offset.
         lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
