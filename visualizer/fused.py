@@ -296,6 +296,7 @@ class SdpaCapture:
     def _record(
         self, mode: "_RecordingMode", args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> None:
+        mode.sdpa_calls += 1
         query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = bind_sdpa_arguments(
             *args, **kwargs
         )
@@ -493,7 +494,11 @@ class _RecordingMode(TorchFunctionMode):
         kwargs: Optional[Dict[str, Any]] = None,
     ) -> Any:
         kwargs = kwargs or {}
-        self.torch_calls += 1
+        # Dynamo (torch>=2.6) traces this method into compiled graphs: a count
+        # it read and changed there would fail its own guard check. Counted
+        # eagerly only; SDPA calls are counted in `_record`, which runs eagerly.
+        if not _torch_version.is_compiling():
+            self.torch_calls += 1
         # The real call first, with the original arguments: the output is the
         # fused kernel's, and an invalid call raises torch's own error. Inside
         # this method torch has taken the mode off the stack, so neither this
@@ -502,7 +507,6 @@ class _RecordingMode(TorchFunctionMode):
         if not self.on:
             return output
         if func is F.scaled_dot_product_attention:
-            self.sdpa_calls += 1
             self._capture._record(self, args, kwargs)
         elif func is F.multi_head_attention_forward and not kwargs.get("need_weights", True):
             self._capture._warn_unseen_multi_head_attention()
