@@ -74,6 +74,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from . import _torch_version
 from ._errors import VisualizerError
 from ._modes import push_mode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
@@ -913,6 +914,14 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif optimized and isinstance(model, optimized):
+            # Its graphs run eagerly only under Dynamo's force_eager stance.
+            _torch_version.require_torch(
+                _torch_version.TORCH_2_6,
+                "capture_attention on a torch.compile'd model (torch.compiler.set_stance)",
+                "2.6",
+                _WHO,
+                "; capture the model itself, before torch.compile",
+            )
             model = model._orig_mod
         else:
             return model
@@ -928,6 +937,9 @@ def _compiled_code_runs_eagerly() -> Optional[ContextManager[Any]]:
     the previous stance (and the compiled code) comes back at stop.
     """
     if "torch._dynamo" not in sys.modules:  # then nothing was compiled or wrapped
+        return None
+    if not _torch_version.TORCH_2_6:
+        # No stances before torch 2.6 (a compiled model is refused in _unwrapped).
         return None
     return torch.compiler.set_stance("force_eager")
 
