@@ -173,6 +173,11 @@ def fsdp_worker(rank):
         np.testing.assert_allclose(maps[key][0], expected[key][0], atol=1e-6)
 
 
+@pytest.mark.skipif(
+    torch.__version__ < "2.8",
+    reason="FSDP2 (torch.distributed.fsdp.fully_shard) on the CPU needs torch>=2.8 "
+    "(checked: 2.1.2 has no fully_shard there, 2.6.0 fails on CPU streams, 2.8.0 passes)",
+)
 def test_fsdp2_maps_equal_the_unsharded_models():
     spawn(fsdp_worker)
 
