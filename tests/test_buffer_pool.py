@@ -102,9 +102,9 @@ def test_several_names_dtype_policy_and_shapes_are_matched(gl, two_names):
 def test_switching_capture_off_lets_go_of_the_pool(gl, doubled):
     doubled(maps(0))
     gl.clear()
-    assert BUFFERS._free  # one array waits for the next copy
+    assert BUFFERS.free_count()  # one array waits for the next copy
     gl.deactivate()
-    assert not BUFFERS._free
+    assert not BUFFERS.free_count()
 
 
 def test_a_clear_while_capture_is_off_frees_the_arrays(gl, doubled):
@@ -112,7 +112,7 @@ def test_a_clear_while_capture_is_off_frees_the_arrays(gl, doubled):
     gl.deactivate()
     entry = weakref.ref(gl.cache[doubled.__qualname__][0])
     gl.clear()  # nothing will copy into them: they go, not to the pool
-    assert not BUFFERS._free
+    assert not BUFFERS.free_count()
     assert entry() is None
 
 
@@ -123,7 +123,7 @@ def test_the_pool_holds_at_most_one_clear_s_worth(gl, doubled):
             doubled(maps(seed))
         gl.clear()  # three arrays wait
         gl.clear()  # nothing was copied in between: the three go, none come
-    assert not BUFFERS._free
+    assert not BUFFERS.free_count()
 
 
 # -- tensors kept on the CPU: keep_on_device=True ------------------------------
@@ -136,7 +136,7 @@ def backing(entry):
     """
     if isinstance(entry, np.ndarray):
         return weakref.ref(entry)
-    return weakref.ref(BUFFERS._lent[id(entry)][1])  # the array lend() copied into
+    return weakref.ref(BUFFERS.array_of(entry))  # the array lend() copied into
 
 
 def reused(entry, memory):
@@ -192,17 +192,18 @@ def test_small_strided_and_bfloat16_tensors_are_plain_copies(gl, doubled):
     assert torch.equal(entries[0], small * 2)
     assert entries[1].stride() == strided.stride() and torch.equal(entries[1], strided * 2)
     assert entries[2].dtype == torch.bfloat16
-    assert not {id(entry) for entry in entries} & set(BUFFERS._lent)  # none lent by the pool
+    assert all(BUFFERS.array_of(entry) is None for entry in entries)  # none lent by the pool
 
 
 def test_a_lent_tensor_that_dies_without_clear_leaves_nothing_behind(gl, doubled):
     gl.activate(keep_on_device=True, max_entries=1)
-    before = set(BUFFERS._lent)  # tensors of other tests that are not collected yet
+    before = BUFFERS.lent_count()  # tensors of other tests that are not collected yet
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for seed in range(3):
             doubled(maps(seed))  # the bound drops the older tensors
-    assert set(BUFFERS._lent) - before == {id(gl.cache[doubled.__qualname__][0])}
+    (last,) = gl.cache[doubled.__qualname__]
+    assert BUFFERS.lent_count() - before == 1 and BUFFERS.array_of(last) is not None
     assert torch.equal(gl.cache[doubled.__qualname__][0], maps(2) * 2)
 
 
@@ -245,10 +246,10 @@ def test_attention_maps_clear_recycles_while_recording(keep_on_device):
         np.testing.assert_array_equal(np.asarray(entry), maps(4).softmax(-1).numpy())
         assert reused(entry, third)
         del entry
-    assert not BUFFERS._free  # stopping lets go of the pool
+    assert not BUFFERS.free_count()  # stopping lets go of the pool
     last = weakref.ref(recorder.maps[""][0])
     recorder.maps.clear()  # not recording: frees, pools nothing
-    assert last() is None and not BUFFERS._free
+    assert last() is None and not BUFFERS.free_count()
 
 
 # -- maps the fused path computes (sdpa_capture): computed into pooled memory ----
@@ -288,8 +289,8 @@ def test_fused_maps_are_computed_into_cleared_maps_memory(keep_on_device):
         np.testing.assert_allclose(np.asarray(held), weights_by_hand(maps(3))[0].numpy(),
                                    atol=1e-6)
         get_local.clear()
-        assert BUFFERS._free
-    assert not BUFFERS._free  # the block was the last capture: the pool lets go
+        assert BUFFERS.free_count()
+    assert not BUFFERS.free_count()  # the block was the last capture: the pool lets go
 
 
 def test_a_copy_of_recording_maps_frees_what_it_clears():
@@ -306,7 +307,7 @@ def test_a_copy_of_recording_maps_frees_what_it_clears():
             duplicate.clear()  # no recorder fills the copy: nothing to recycle for
             assert last() is None
         recorded.clear()
-        assert BUFFERS._free  # the recorder's own maps do recycle
+        assert BUFFERS.free_count()  # the recorder's own maps do recycle
 
 
 def test_maps_cleared_before_stop_are_not_reported_as_nothing_captured():
@@ -339,11 +340,11 @@ def test_a_recorder_that_stops_leaves_get_local_s_pool_alone():
         module = SoftmaxAttention()
         with capture_attention(module):
             module(maps(1))
-        assert BUFFERS._free  # still there for get_local's next copy
+        assert BUFFERS.held  # get_local still copies into it: the recorder's stop kept it
     finally:
         get_local.deactivate()
         get_local.clear()
-    assert not BUFFERS._free
+    assert not BUFFERS.free_count()
 
 
 def test_multihead_attention_maps_in_a_loop_reuse_memory_and_equal_torch_s_weights():
