@@ -37,7 +37,3 @@ class WarnOnce:
                 return
             self._said.add(token)
         warn_user(message)
-
-    def said(self, token: Hashable) -> bool:
-        """Whether the warning for `token` was given."""
-        return token in self._said

@@ -26,10 +26,9 @@ torch is not imported by this module; tensors are converted with
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 

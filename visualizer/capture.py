@@ -24,7 +24,6 @@ import os
 import sys
 import threading
 import types
-import warnings
 import weakref
 from typing import (
     Any,
@@ -33,7 +32,6 @@ from typing import (
     Iterator,
     Mapping,
     Optional,
-    Set,
     Tuple,
     TypeVar,
     Union,
@@ -45,7 +43,7 @@ from ._errors import VisualizerError
 from ._pool import BufferPool
 from ._ranks import Ranks, captures_here, validate_ranks
 from ._rewrite import FastPath, instrument, local_names
-from ._warnings import WarnOnce, warn_user
+from ._warnings import WarnOnce
 from .policy import MISSING, NOT_CAPTURED, StoragePolicy
 from .snapshot import IMMUTABLE_TYPES, snapshot
 from .store import Cache, CaptureCache, CaptureStore, FastSink, Scope
