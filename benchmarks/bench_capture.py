@@ -1,7 +1,8 @@
 """Cost of capture, as ratios against baselines measured in the same run.
 
-Quick, sequential timings (one variant after another): the README's figures come
-from benchmarks/run_all.py, which interleaves the variants over many rounds.
+Quick, sequential timings (one variant after another): the published figures
+(benchmarks/README.md) come from benchmarks/run_all.py, which interleaves the
+variants over many rounds.
 
     python benchmarks/bench_capture.py            # one-line function (+ ViT if torch is installed)
     python benchmarks/bench_capture.py --device cuda

@@ -1,4 +1,4 @@
-"""Every benchmark figure of the README in one command, each with its spread.
+"""Every benchmark figure of benchmarks/README.md in one command, each with its spread.
 
     python benchmarks/run_all.py                       # everything: ~20 minutes on 2 idle cores
     python benchmarks/run_all.py --quick               # smoke run, about 1-2 minutes
@@ -7,7 +7,7 @@
     python benchmarks/run_all.py --markdown out.md     # also write the report to a file
     python benchmarks/run_all.py --rounds 50 --threads 2 --clock wall
 
-The report (markdown, ready to paste into the README) goes to stdout; progress
+The report (markdown, ready to paste into benchmarks/README.md) goes to stdout; progress
 goes to stderr. Every figure is measured in this run, in this process (section
 (a): one subprocess per Python), variants interleaved: one measurement of each
 variant per round, so drift in the machine's load touches all variants alike.
@@ -840,7 +840,7 @@ def parse_arguments():
     parser.add_argument("--number", type=int,
                         help="calls per timing in section (a) (default 50000; --quick: 10000)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: few rounds, small inputs (figures not for the README)")
+                        help="smoke run: few rounds, small inputs (figures not to publish)")
     parser.add_argument("--only", nargs="+", metavar="SECTION",
                         help="sections to run: a/recorder, b/forwards, c/fused (default: all)")
     parser.add_argument("--threads", type=int, default=1,

@@ -8,6 +8,16 @@ import pytest
 from visualizer.capture import GetLocal
 
 
+@pytest.fixture(autouse=True)
+def _no_compiled_code_outlives_its_test():
+    """Drop what Dynamo compiled in a test, so that no later test's capture switch meets
+    compiled code it did not make (get_local's reset notice would depend on test order)."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
+
 @pytest.fixture
 def gl():
     """A private get_local: its registrations, switch and cache die with the test."""

@@ -219,7 +219,7 @@ def test_decorated_forward_is_read_only_while_get_local_is_on():
         match=r"module '0' computed no softmax or SDPA attention; "
         r"its forward SigmoidAttention.forward is decorated with get_local, which "
         r"is off. Switch it on \(get_local.activate\(\)\)",
-    ):
+    ), pytest.warns(RuntimeWarning, match=r"the Sequential ran .* no attention was captured"):
         with torch.no_grad(), capture_attention(model) as maps:
             model(torch.randn(1, 5, 16))
     assert not maps
@@ -468,6 +468,8 @@ def test_storage_policy_and_bound():
     assert isinstance(maps.stack(), torch.Tensor)
     with pytest.warns(
         RuntimeWarning, match=r"'blocks.0.attn' hold at most 2 entries \(max_entries\)"
+    ), pytest.warns(
+        RuntimeWarning, match=r"'blocks.1.attn' hold at most 2 entries \(max_entries\)"
     ):
         with torch.no_grad(), capture_attention(model, max_entries=2) as maps:
             for _ in range(5):
@@ -591,7 +593,8 @@ def test_start_twice_is_an_error():
         with pytest.raises(VisualizerError, match="already started"):
             recorder.start()
     finally:
-        recorder.stop()
+        with pytest.warns(RuntimeWarning, match="nothing was captured: no module .* ran"):
+            recorder.stop()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

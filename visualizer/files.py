@@ -97,30 +97,31 @@ def load_cache(path: "PathLike") -> Dict[str, List[Any]]:
     VisualizerError naming the file and what was expected.
     """
     expected = "expected a file written by save_cache (an .npz with a JSON manifest)"
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as error:
-        raise VisualizerError(
-            f"load_cache: {path!r} cannot be read as an .npz ({type(error).__name__}: "
-            f"{error}); {expected}"
-        ) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise VisualizerError(
-            f"load_cache: {path!r} holds a single {type(archive).__name__}, not an .npz; "
-            f"{expected}"
-        )
-    with archive:
+    # The file is opened here, not by np.load, so that it is closed on every way out:
+    # np.load(path) leaves its handle open when the zip directory is unreadable.
+    with open(path, "rb") as file:
         try:
-            return _read_archive(archive, path, expected)
-        except VisualizerError:
-            raise
+            archive = np.load(file, allow_pickle=False)
         except Exception as error:
             raise VisualizerError(
-                f"load_cache: {path!r} is damaged or not a visualizer cache "
-                f"({type(error).__name__}: {error}); {expected}"
+                f"load_cache: {path!r} cannot be read as an .npz ({type(error).__name__}: "
+                f"{error}); {expected}"
             ) from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise VisualizerError(
+                f"load_cache: {path!r} holds a single {type(archive).__name__}, not an .npz; "
+                f"{expected}"
+            )
+        with archive:
+            try:
+                return _read_archive(archive, path, expected)
+            except VisualizerError:
+                raise
+            except Exception as error:
+                raise VisualizerError(
+                    f"load_cache: {path!r} is damaged or not a visualizer cache "
+                    f"({type(error).__name__}: {error}); {expected}"
+                ) from None
 
 
 def _read_archive(archive, path, expected):
