@@ -45,7 +45,7 @@ def test_notebook_executes_top_to_bottom_and_draws_every_figure(tmp_path, monkey
     # repository) and finds `examples` and `visualizer` through PYTHONPATH.
     paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
-    notebook = make_notebook.execute(make_notebook.build(), tmp_path, timeout=120)
+    notebook = make_notebook.execute(make_notebook.build(), tmp_path, timeout=600)
     errors = outputs(notebook, "error")
     assert not errors, "\n".join(f"{e.ename}: {e.evalue}" for e in errors)
     assert len(images(notebook)) == FIGURE_CELLS
