@@ -19,6 +19,7 @@ import math
 import sys
 from typing import (
     TYPE_CHECKING,
+    Any,
     Iterable,
     Iterator,
     List,
@@ -246,16 +247,7 @@ def grid_shape(
                 f"({num_tokens} tokens - {num_prefix_tokens} prefix tokens); pass grid_size=(h, w)"
             )
         return side, side
-    if isinstance(grid_size, (int, np.integer)):
-        grid_size = (grid_size, grid_size)
-    try:
-        height, width = (int(side) for side in grid_size)
-    except (TypeError, ValueError):
-        raise VisualizerError(
-            f"{func}: grid_size must be (h, w), an int or None; got {grid_size!r}"
-        ) from None
-    if height < 1 or width < 1:
-        raise VisualizerError(f"{func}: grid_size must be positive; got {grid_size!r}")
+    height, width = grid_pair(grid_size, func)
     if height * width != num_patches:
         raise VisualizerError(
             f"{func}: grid_size {(height, width)} has {height * width} patches but the map has "
@@ -271,21 +263,41 @@ def check_index(index: Integer, size: int, func: str, name: str) -> int:
     return int(index) % size
 
 
+_INTS = (int, np.integer)
+_NUMBERS = (int, float, np.integer, np.floating)
+
+
+def _positive_pair(
+    value: Any, func: str, name: str, kinds: Tuple[type, ...], form: str
+) -> Tuple[Any, Any]:
+    """``value`` as two positive numbers of ``kinds`` (one number means both), checked."""
+    if isinstance(value, kinds):
+        value = (value, value)
+    try:
+        first, second = value
+        if not all(isinstance(side, kinds) and not isinstance(side, bool) for side in value):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise VisualizerError(f"{func}: {name} must be {form}; got {value!r}") from None
+    if not (first > 0 and second > 0):
+        raise VisualizerError(f"{func}: {name} must be positive; got {value!r}")
+    return first, second
+
+
 def pair(
     value: Union[float, np.integer, np.floating, Sequence[SupportsFloat]], func: str, name: str
 ) -> Tuple[float, float]:
     """Return ``(a, b)`` from a positive number or a pair of positive numbers."""
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        value = (value, value)
-    try:
-        first, second = (float(item) for item in value)
-    except (TypeError, ValueError):
-        raise VisualizerError(
-            f"{func}: {name} must be a positive number or a pair of them; got {value!r}"
-        ) from None
-    if not (first > 0 and second > 0):
-        raise VisualizerError(f"{func}: {name} must be positive; got {value!r}")
-    return first, second
+    first, second = _positive_pair(
+        value, func, name, _NUMBERS, "a positive number or a pair of them"
+    )
+    return float(first), float(second)
+
+
+def grid_pair(value: Union[Integer, Sequence[SupportsInt]], func: str) -> Tuple[int, int]:
+    """``grid_size`` as ``(h, w)`` ints; an int means a square grid."""
+    height, width = _positive_pair(value, func, "grid_size", _INTS, "(h, w), an int or None")
+    return int(height), int(width)
 
 
 def cross_attention_array(cross_attn: ArrayOrTensor, func: str) -> FloatArray:

@@ -14,27 +14,13 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
-from ._arrays import ArrayOrTensor, pair, to_numpy
+from ._arrays import ArrayOrTensor, grid_pair, pair, to_numpy
 from ._errors import VisualizerError
 
 
 def _grid_pair(value: Any, func: str) -> Optional[tuple[int, int]]:
     """``grid_size`` as ``(h, w)`` ints (an int means a square grid), or None."""
-    if value is None:
-        return None
-    if isinstance(value, (int, np.integer)):
-        value = (value, value)
-    try:
-        height, width = value
-        if not all(isinstance(side, (int, np.integer)) for side in (height, width)):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise VisualizerError(
-            f"{func}: grid_size must be (h, w), an int or None; got {value!r}"
-        ) from None
-    if height < 1 or width < 1:
-        raise VisualizerError(f"{func}: grid_size must be positive; got {value!r}")
-    return int(height), int(width)
+    return None if value is None else grid_pair(value, func)
 
 
 def _prefix_count(value: Any, func: str) -> int:
