@@ -79,6 +79,7 @@ from .snapshot import snapshot
 from .weights import (
     CheckedSelection,
     Selection,
+    WeightsRequest,
     bind_sdpa_arguments,
     module_weights,
     multi_head_weights,
@@ -221,6 +222,7 @@ class AttentionRecorder:
         self.model = model
         self.maps = AttentionMaps(self._policy)
         self._pool = get_local.store.pool  # where copies and recomputed maps take memory
+        self._request = WeightsRequest(self._rows, self._heads, _WHO, self._pool)
         # A data-parallel or torch.compile wrapper's only child is the model:
         # keys without its "module." / "_orig_mod." prefix, the same as for
         # the plain model.
@@ -508,17 +510,7 @@ class AttentionRecorder:
         self._record(
             frames,
             lambda where: sdpa_call_weights(
-                query,
-                key,
-                attn_mask,
-                is_causal,
-                scale,
-                enable_gqa,
-                rows=self._rows,
-                heads=self._heads,
-                where=where,
-                who=_WHO,
-                pool=self._pool,
+                query, key, attn_mask, is_causal, scale, enable_gqa, self._request, where
             ),
             owned=True,
         )
@@ -547,11 +539,8 @@ class AttentionRecorder:
                 a["q_proj_weight"] if separate else None,
                 a["k_proj_weight"] if separate else None,
                 a["static_k"],
-                rows=self._rows,
-                heads=self._heads,
-                where=where,
-                who=_WHO,
-                pool=self._pool,
+                self._request,
+                where,
             ),
             owned=True,
         )
@@ -568,8 +557,8 @@ class AttentionRecorder:
             return
         self._record(
             frames,
-            lambda where: self._module_weights(
-                module, query, key, a["key_padding_mask"], a["attn_mask"], where
+            lambda where: module_weights(
+                module, query, key, a["key_padding_mask"], a["attn_mask"], self._request, where
             ),
             owned=True,
         )
@@ -599,34 +588,18 @@ class AttentionRecorder:
         attention = _Frame(layer.self_attn, self._paths_by_id.get(id(layer.self_attn)))
         self._record(
             frames + [attention],
-            lambda where: self._module_weights(
-                layer.self_attn, source, source, a["src_key_padding_mask"], a["src_mask"], where
+            lambda where: module_weights(
+                layer.self_attn,
+                source,
+                source,
+                a["src_key_padding_mask"],
+                a["src_mask"],
+                self._request,
+                where,
             ),
             owned=True,
         )
         self._flush(attention)
-
-    def _module_weights(
-        self,
-        module: nn.MultiheadAttention,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor],
-        attn_mask: Optional[torch.Tensor],
-        where: str,
-    ) -> torch.Tensor:
-        return module_weights(
-            module,
-            query,
-            key,
-            key_padding_mask,
-            attn_mask,
-            rows=self._rows,
-            heads=self._heads,
-            where=where,
-            who=_WHO,
-            pool=self._pool,
-        )
 
     def _take_decorated(self, frame: "_Frame", key: str) -> None:
         """A get_local-decorated forward that ran no softmax or SDPA: what get_local captured.

@@ -72,6 +72,7 @@ from .snapshot import snapshot
 from .weights import (
     CheckedSelection,
     Selection,
+    WeightsRequest,
     bind_sdpa_arguments,
     sdpa_call_weights,
     validate_selection,
@@ -307,18 +308,10 @@ class SdpaCapture:
                 "model's autograd graph; they are stored without a graph (warned once per "
                 "function)",
             )
+        request = WeightsRequest(recording.rows, recording.heads, "sdpa_capture", store.pool)
+        where = f"the scaled_dot_product_attention call in {caller}"
         weights = sdpa_call_weights(
-            query,
-            key,
-            attn_mask,
-            is_causal,
-            scale,
-            enable_gqa,
-            rows=recording.rows,
-            heads=recording.heads,
-            where=f"the scaled_dot_product_attention call in {caller}",
-            who="sdpa_capture",
-            pool=store.pool,
+            query, key, attn_mask, is_causal, scale, enable_gqa, request, where
         )
         store.append(caller, snapshot(weights, policy, owned=True, pool=store.pool))
 

@@ -29,6 +29,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Iterable,
+    NamedTuple,
     Optional,
     Sequence,
     SupportsIndex,
@@ -56,6 +57,17 @@ CheckedSelection = Optional[Union[slice, Tuple[int, ...]]]
 SdpaArguments = Tuple[
     torch.Tensor, torch.Tensor, Optional[torch.Tensor], float, bool, Optional[float], bool
 ]
+
+
+class WeightsRequest(NamedTuple):
+    """What a caller asks of every weights computation it makes: the query rows and heads to
+    keep (as `validate_selection` checked them), its name for error messages, and the pool a
+    CPU map takes its memory from (None: fresh memory)."""
+
+    rows: CheckedSelection
+    heads: CheckedSelection
+    who: str
+    pool: Optional[BufferPool] = None
 
 def sdpa_weights(
     query: torch.Tensor,
@@ -92,19 +104,10 @@ def sdpa_weights(
         >>> sdpa_weights(q, k, rows=0).shape
         torch.Size([1, 2, 1, 5])
     """
-    return sdpa_call_weights(
-        query,
-        key,
-        attn_mask,
-        is_causal,
-        scale,
-        enable_gqa,
-        rows=validate_selection(rows, "rows", who),
-        heads=validate_selection(heads, "heads", who),
-        where=where,
-        who=who,
-        pool=None,
+    request = WeightsRequest(
+        validate_selection(rows, "rows", who), validate_selection(heads, "heads", who), who
     )
+    return sdpa_call_weights(query, key, attn_mask, is_causal, scale, enable_gqa, request, where)
 
 
 def sdpa_call_weights(
@@ -114,15 +117,13 @@ def sdpa_call_weights(
     is_causal: bool,
     scale: Optional[float],
     enable_gqa: bool,
-    *,
-    rows: CheckedSelection,
-    heads: CheckedSelection,
+    request: WeightsRequest,
     where: str,
-    who: str,
-    pool: Optional[BufferPool],
 ) -> torch.Tensor:
-    """`sdpa_weights` for a selection `validate_selection` checked; on the CPU the map is
-    computed into `pool`'s memory when one is given (a recorder's: see `_attention_weights`)."""
+    """`sdpa_weights` for a checked `request`; on the CPU the map is computed into the
+    request's pool when it has one (a recorder's: see `_attention_weights`). `where` names
+    the call in error messages."""
+    rows, heads, who, pool = request
     if heads is not None and query.dim() < 4:
         raise VisualizerError(
             f"{who}: heads={_describe(heads)} selects on the heads axis of a "
@@ -395,12 +396,8 @@ def multi_head_weights(
     q_proj_weight: Optional[torch.Tensor],
     k_proj_weight: Optional[torch.Tensor],
     static_k: Optional[torch.Tensor],
-    *,
-    rows: CheckedSelection,
-    heads: CheckedSelection,
+    request: WeightsRequest,
     where: str,
-    who: str,
-    pool: Optional[BufferPool],
 ) -> torch.Tensor:
     """The weights `F.multi_head_attention_forward` applies, as (B, H, L', S).
 
@@ -447,9 +444,7 @@ def multi_head_weights(
             padding = _additive(key_padding_mask, q.dtype).reshape(batch, 1, 1, -1)
             padding = F.pad(padding, (0, keys - padding.shape[-1]))
             mask = padding if mask is None else mask + padding
-        return sdpa_call_weights(
-            q, k, mask, False, None, False, rows=rows, heads=heads, where=where, who=who, pool=pool
-        )
+        return sdpa_call_weights(q, k, mask, False, None, False, request, where)
 
 
 def module_weights(
@@ -458,12 +453,8 @@ def module_weights(
     key: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor],
     attn_mask: Optional[torch.Tensor],
-    *,
-    rows: CheckedSelection,
-    heads: CheckedSelection,
+    request: WeightsRequest,
     where: str,
-    who: str,
-    pool: Optional[BufferPool],
 ) -> torch.Tensor:
     """The weights of an `nn.MultiheadAttention` call, from its inputs and projections."""
     if module.batch_first and query.dim() == 3:
@@ -482,11 +473,8 @@ def module_weights(
         module.q_proj_weight if separate else None,
         module.k_proj_weight if separate else None,
         None,
-        rows=rows,
-        heads=heads,
-        where=where,
-        who=who,
-        pool=pool,
+        request,
+        where,
     )
 
 
