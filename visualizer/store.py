@@ -330,13 +330,20 @@ def _bounded_outside_backward(
     """`Scope.append` for one bounded list, except while autograd re-runs a forward.
 
     Specialised: `scope.append(key, value)` looks up the list each time,
-    measured 2.3x slower per call.
+    measured 2.3x slower per call; and `entries.add` (a method call) is taken
+    only for the one append that can be the first drop, the others append and
+    count in C (with torch loaded and a bound, ~100 ns of a ~300 ns call).
     """
     add, bound, on_first_drop = entries.add, scope.bound, scope.on_first_drop
+    append, appends = entries.append, entries.appends
 
     def call(value: Any) -> None:
-        if current_node() is None and add(value):
-            on_first_drop(key, bound)  # type: ignore[arg-type]  # the scope is bounded
+        if current_node() is None:
+            if entries.warned or len(entries) < bound:  # type: ignore[operator]
+                append(value)
+                next(appends)
+            elif add(value):
+                on_first_drop(key, bound)  # type: ignore[arg-type]  # the scope is bounded
 
     return call
 
