@@ -241,8 +241,8 @@ class AttentionRecorder:
         self._decorated: Dict[int, str] = {}  # id(module) -> get_local key of its forward
         # get_local's store.deferring_to_fused(), entered while recording
         self._defer: Optional[ContextManager[None]] = None
-        # torch.compile's force_eager stance while recording
-        self._eager: Optional[ContextManager[Any]] = None
+        # whether this recorder holds torch.compile's force_eager stance while recording
+        self._eager = False
         self._warn_once = WarnOnce()
 
     # -- switching --------------------------------------------------------
@@ -292,7 +292,7 @@ class AttentionRecorder:
             )
         self._defer = get_local.store.deferring_to_fused()
         self._defer.__enter__()
-        self._eager = _compiled_code_runs_eagerly()
+        self._eager = _EAGER_STANCE.hold()
         self._pool.hold()
         self.maps.pool = self._pool  # clear() while recording recycles
 
@@ -309,18 +309,32 @@ class AttentionRecorder:
         for unwrap in self._wrapped:
             unwrap()
         self._handles, self._wrapped = [], []
+        self._close_interrupted_calls()
         if self.maps.pool is not None:
             self.maps.pool = None
             self._pool.let_go()  # no copies of this recorder follow
         if self._defer is not None:
             self._defer.__exit__(None, None, None)
             self._defer = None
-        if self._eager is not None:
-            self._eager.__exit__(None, None, None)
-            self._eager = None
+        if self._eager:
+            self._eager = False
+            _EAGER_STANCE.release()
         self._decorated = {}
         if warn_if_empty:
             self._warn_if_empty()
+
+    def _close_interrupted_calls(self) -> None:
+        """Forget the module calls a KeyboardInterrupt left open in this thread.
+
+        torch runs always-called exit hooks for an `Exception` only: a
+        KeyboardInterrupt (or SystemExit) leaves the calls it interrupted in
+        this thread's frames and the watch mode on this thread's mode stack.
+        """
+        state = self._state
+        frames = getattr(state, "frames", None)
+        if frames:
+            frames.clear()
+            remove_mode(state.mode)
 
     def __enter__(self) -> AttentionMaps:
         self.start()
@@ -733,16 +747,42 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             return model
 
 
-def _compiled_code_runs_eagerly() -> Optional[ContextManager[Any]]:
-    """While recording, make torch.compile'd code run eagerly; return the undo, or None.
+class _EagerStance:
+    """While any recorder records, torch.compile'd code runs eagerly; one owner per process.
 
     A compiled graph runs neither the module hooks nor the torch functions
     the recorder watches one by one: maps would be missing or misattributed.
-    With Dynamo's "force_eager" stance (process-wide, for the recording only)
-    compiled models run their Python code, so the maps equal eager mode's;
-    the previous stance (and the compiled code) comes back at stop.
+    With Dynamo's "force_eager" stance (process-wide) compiled models run
+    their Python code, so the maps equal eager mode's. The stance is set by
+    the first recorder that starts and restored by the last that stops,
+    whatever order recorders stop in: each set_stance undo restores what it
+    found, so two recorders stopped crosswise would leave the stance set.
     """
-    return _torch_internals.force_eager()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._undo: Optional[ContextManager[Any]] = None
+
+    def hold(self) -> bool:
+        """Count one more recorder; False (nothing held) while Dynamo was never loaded."""
+        with self._lock:
+            if self._holders == 0:
+                self._undo = _torch_internals.force_eager()
+                if self._undo is None:
+                    return False
+            self._holders += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._undo is not None:
+                undo, self._undo = self._undo, None
+                undo.__exit__(None, None, None)
+
+
+_EAGER_STANCE = _EagerStance()
 
 
 def _head_count(module: nn.Module) -> Optional[int]:

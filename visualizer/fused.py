@@ -172,7 +172,7 @@ class SdpaCapture:
             self._retire(recording)
         self._switch_off_here()
 
-    def _switch_off_here(self) -> None:
+    def _switch_off_here(self, warn_if_empty: bool = True) -> None:
         """Stop recording in this thread only (the end of a capture() block)."""
         recording: Optional[_Recording] = getattr(self._threads, "recording", None)
         if recording is None:
@@ -182,10 +182,13 @@ class SdpaCapture:
             remove_mode(recording.mode)
         with self._lock:
             self._recordings.discard(recording)
-        self._retire(recording)
+        self._retire(recording, warn_if_empty)
 
-    def _retire(self, recording: _Recording) -> None:
-        """Turn a recording off (a mode still on another thread's stack passes calls through)."""
+    def _retire(self, recording: _Recording, warn_if_empty: bool = True) -> None:
+        """Turn a recording off (a mode still on another thread's stack passes calls through).
+
+        `warn_if_empty=False` when a block ends by an exception: it says enough,
+        and a warning made an error must not replace it."""
         mode = recording.mode
         if mode is None or not mode.on:
             return
@@ -193,7 +196,7 @@ class SdpaCapture:
         self._owner.store.pool.let_go()
         if recording.deferring is not None:
             recording.deferring.__exit__(None, None, None)
-        if mode.calls and not recording.sdpa_calls:
+        if warn_if_empty and mode.calls and not recording.sdpa_calls:
             warn_user(
                 f"sdpa_capture: {mode.calls} torch function calls ran while it was on, none "
                 "of them F.scaled_dot_product_attention, so nothing was recorded: the code that "
@@ -244,18 +247,20 @@ class SdpaCapture:
             (self._threads.recording.rows, self._threads.recording.heads) if was_active else None
         )
         with self._owner.store.scoped(policy) as fresh:
+            raised = True
             try:
                 if here:
                     self.activate(rows, heads)
                 else:
                     self._switch_off_here()
                 yield fresh
+                raised = False
             finally:
                 # Exactly this thread's state on entry, whatever the block switched.
                 if saved is not None:  # it was active
                     self.activate(*saved)
                 else:
-                    self._switch_off_here()
+                    self._switch_off_here(warn_if_empty=not raised)
 
     @property
     def cache(self) -> Dict[str, List[Any]]:
