@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
+import torch._dynamo  # noqa: E402,F401  (loaded: recorders then set Dynamo's stance)
 from examples.toy_vit import VisionTransformer  # noqa: E402
 from visualizer import capture_attention, get_local  # noqa: E402
 from visualizer import attention as attention_module  # noqa: E402
