@@ -16,6 +16,7 @@ imported torch, so ``sys.modules`` is enough to recognise one. That keeps
 
 import collections
 import math
+import os
 import sys
 from typing import (
     TYPE_CHECKING,
@@ -177,7 +178,7 @@ def layer_list(
         return list(maps), True
     if not (is_torch_tensor(maps) or isinstance(maps, np.ndarray)):
         maps = to_numpy(maps, func, name)
-    if maps.ndim == 5:
+    if maps.ndim == 5 and len(maps):
         return list(maps), True
     if maps.ndim in (3, 4):
         return [maps], False
@@ -215,10 +216,7 @@ def layer_arrays(
 
 def check_prefix(num_prefix_tokens: Integer, num_tokens: int, func: str) -> int:
     """Return ``num_prefix_tokens`` if it leaves at least one patch token."""
-    if (
-        not isinstance(num_prefix_tokens, (int, np.integer))
-        or not 0 <= num_prefix_tokens < num_tokens
-    ):
+    if not is_int(num_prefix_tokens) or not 0 <= num_prefix_tokens < num_tokens:
         raise VisualizerError(
             f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for maps with "
             f"{num_tokens} tokens; got {num_prefix_tokens!r}"
@@ -231,19 +229,21 @@ def grid_shape(
     num_prefix_tokens: Integer,
     grid_size: Union[None, Integer, Sequence[SupportsInt]],
     func: str,
+    name: str = "attn",
 ) -> Tuple[int, int]:
     """Return the patch grid ``(h, w)`` for ``num_tokens`` tokens.
 
     ``grid_size`` may be ``(h, w)``, an int for a square grid, or None to infer
-    a square grid from the number of patch tokens.
+    a square grid from the number of patch tokens. ``name`` is the map's argument.
     """
     num_patches = num_tokens - check_prefix(num_prefix_tokens, num_tokens, func)
     if grid_size is None:
         side = math.isqrt(num_patches)
         if side * side != num_patches:
             raise VisualizerError(
-                f"{func}: cannot infer a square grid_size from {num_patches} patch tokens "
-                f"({num_tokens} tokens - {num_prefix_tokens} prefix tokens); pass grid_size=(h, w)"
+                f"{func}: cannot infer a square grid_size from {num_patches} patch tokens of "
+                f"{name} ({num_tokens} tokens - num_prefix_tokens={num_prefix_tokens}); pass "
+                "grid_size=(h, w)"
             )
         return side, side
     if isinstance(grid_size, (int, np.integer)):
@@ -258,34 +258,129 @@ def grid_shape(
         raise VisualizerError(f"{func}: grid_size must be positive; got {grid_size!r}")
     if height * width != num_patches:
         raise VisualizerError(
-            f"{func}: grid_size {(height, width)} has {height * width} patches but the map has "
-            f"{num_tokens} tokens - {num_prefix_tokens} prefix tokens = {num_patches} patch tokens"
+            f"{func}: grid_size {(height, width)} has {height * width} patches but {name} has "
+            f"{num_tokens} tokens - num_prefix_tokens={num_prefix_tokens} = {num_patches} patch tokens"
         )
     return height, width
 
 
+def is_int(value: object) -> "TypeGuard[Integer]":
+    """True for an int or numpy integer; False for a bool, which is an int only by accident."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_index(index: Integer, size: int, func: str, name: str) -> int:
     """Return ``index`` as a non-negative int, accepting Python's negative indices."""
-    if not isinstance(index, (int, np.integer)) or not -size <= index < size:
+    if not is_int(index) or not -size <= index < size:
         raise VisualizerError(f"{func}: {name} must be an int in [{-size}, {size}); got {index!r}")
     return int(index) % size
+
+
+def positive_int(value: Integer, func: str, name: str) -> int:
+    """Return ``value`` as an int if it is an int >= 1 (a count: columns, layers)."""
+    if not is_int(value) or value < 1:
+        raise VisualizerError(f"{func}: {name} must be a positive int; got {value!r}")
+    return int(value)
+
+
+def check_bool(value: bool, func: str, name: str) -> bool:
+    """Return ``value`` if it is True or False: a string "no" would otherwise count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise VisualizerError(f"{func}: {name} must be True or False; got {value!r}")
+    return bool(value)
+
+
+def check_number(
+    value: SupportsFloat,
+    func: str,
+    name: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a finite real number within the bounds."""
+    number = float(value) if is_real(value) else math.nan
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (above and below and math.isfinite(number)):
+        if math.isinf(low) and math.isinf(high):
+            expected = "a finite number"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}" + (
+                ")" if high_open else "]"
+            )
+        raise VisualizerError(f"{func}: {name} must be {expected}; got {value!r}")
+    return number
+
+
+def is_real(value: object) -> bool:
+    """True for an int or float (numpy's too), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def check_choice(value: str, options: Sequence[str], func: str, name: str) -> str:
+    """Return ``value`` if it is one of the strings ``options``."""
+    if not isinstance(value, str) or value not in options:
+        expected = (
+            " or ".join(repr(option) for option in options)
+            if len(options) == 2
+            else f"one of {tuple(options)}"
+        )
+        raise VisualizerError(f"{func}: {name} must be {expected}; got {value!r}")
+    return value
+
+
+def check_path(path: object, func: str, name: str = "path") -> None:
+    """Refuse what ``open`` would not take as a file name (None, a number) before opening."""
+    if not isinstance(path, (str, bytes, os.PathLike)) or not os.fspath(path):
+        raise VisualizerError(
+            f"{func}: {name} must be a file path (a non-empty str or os.PathLike); got "
+            f"{type(path).__name__} {path!r}"
+        )
+
+
+def grid_maps(x: ArrayOrTensor, func: str, name: str) -> FloatArray:
+    """Coerce maps on a grid ``(..., h, w)``: at least 2-D, not empty, finite."""
+    array = to_numpy(x, func, name)
+    if array.ndim < 2 or array.size == 0:
+        raise VisualizerError(
+            f"{func}: {name} must have shape (..., h, w) with h, w >= 1; got "
+            f"{'an empty array of ' if array.size == 0 else ''}shape {array.shape}"
+        )
+    check_finite(array, func, name)
+    return array
+
+
+def check_finite(array: np.ndarray, func: str, name: str) -> None:
+    """Refuse NaN and infinite values, which every comparison and sort would misread."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise VisualizerError(
+            f"{func}: {name} holds {int(array.size - finite.sum())} NaN or infinite values of "
+            f"{array.size}; expected finite numbers"
+        )
 
 
 def pair(
     value: Union[float, np.integer, np.floating, Sequence[SupportsFloat]], func: str, name: str
 ) -> Tuple[float, float]:
     """Return ``(a, b)`` from a positive number or a pair of positive numbers."""
-    if isinstance(value, (int, float, np.integer, np.floating)):
+    if is_real(value):
         value = (value, value)
     try:
-        first, second = (float(item) for item in value)
+        first, second = value  # type: ignore[misc]  # refused below if not a pair
+        if not (is_real(first) and is_real(second)):
+            raise TypeError
     except (TypeError, ValueError):
         raise VisualizerError(
             f"{func}: {name} must be a positive number or a pair of them; got {value!r}"
         ) from None
-    if not (first > 0 and second > 0):
-        raise VisualizerError(f"{func}: {name} must be positive; got {value!r}")
-    return first, second
+    if not all(0 < float(side) < math.inf for side in (first, second)):
+        raise VisualizerError(f"{func}: {name} must be positive and finite; got {value!r}")
+    return float(first), float(second)
 
 
 def cross_attention_array(cross_attn: ArrayOrTensor, func: str) -> FloatArray:

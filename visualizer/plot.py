@@ -723,7 +723,7 @@ def query(
     )
     prefix_count = layout.num_prefix_tokens
     item, batch_size = _map_item(attn, batch_index, func)
-    grid = grid_shape(item.shape[-1], prefix_count, layout.grid_size, func)
+    grid = grid_shape(item.shape[-1], prefix_count, layout.grid_size, func, "attn")
     if show_cls and prefix_count < 1:
         raise VisualizerError(
             f"{func}: show_cls needs a CLS token (num_prefix_tokens >= 1); got {prefix_count!r}"
@@ -1026,7 +1026,7 @@ def cross_attention(
     array = cross_attention_array(cross_attn, func)
     batch_size, count, num_queries, cells = array.shape
     item = array[check_index(batch_index, batch_size, func, "batch_index")]
-    grid = grid_shape(cells, 0, layout.grid_size, func)
+    grid = grid_shape(cells, 0, layout.grid_size, func, "cross_attn")
     chosen = [queries] if isinstance(queries, (int, np.integer)) else list(queries)
     selected = [check_index(index, num_queries, func, "queries") for index in chosen]
     if not selected:

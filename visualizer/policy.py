@@ -114,11 +114,17 @@ class StoragePolicy:
 
 
 def dtype_name(dtype: Any, who: str = "get_local") -> Optional[str]:
-    """Normalize a dtype given as str, numpy or torch dtype to its name ('f4' -> 'float32')."""
+    """Normalize a dtype given as a name, numpy or torch dtype to its name (np.float32 -> 'float32').
+
+    A string must be one of the names: numpy's type codes ('f4', '<f2', 'd') and
+    aliases ('float', 'int', whose size depends on the platform) are refused.
+    """
     if dtype is None:
         return None
     if isinstance(dtype, str):
         name = dtype.replace("torch.", "")
+        if name not in STORABLE_DTYPES:
+            _refuse_dtype(dtype, who)
     elif type(dtype).__module__ == "torch":
         name = str(dtype).replace("torch.", "")
     else:

@@ -104,6 +104,10 @@ def check(case: Case, name: str, value: Any) -> None:
         warnings.simplefilter("always")
         try:
             case.func(**kwargs)
+        except OSError as error:
+            # What open() says of a path it cannot use (a folder, a missing file) is clear.
+            assert error.filename == value, f"{call} raised {type(error).__name__}: {error}"
+            return
         except CLEAR_ERRORS as error:
             assert name in str(error), (
                 f"{call} raised {type(error).__name__} without naming {name!r}: {error}"

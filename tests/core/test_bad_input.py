@@ -2,6 +2,10 @@
 
 Torch-free (tests/core): the plots and the explorer are swept in tests/test_bad_input.py.
 """
+import functools
+import os
+import tempfile
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +16,7 @@ from tests.core.sweep import (
     check,
     index_in,
     is_bool,
+    is_int,
     number_in,
     one_of,
     positive_int,
@@ -49,7 +54,7 @@ ANALYSIS = [
     Case(
         analysis.attention_entropy,
         lambda: {"maps": _maps(), "average_batch": True, "num_layers": 2},
-        {"average_batch": is_bool, "num_layers": lambda v: v == 2},
+        {"average_batch": is_bool, "num_layers": lambda v: v is None or (is_int(v) and v == 2)},
     ),
     Case(
         analysis.attention_rollout,
@@ -132,8 +137,28 @@ ANALYSIS = [
     ),
 ]
 
+def _in_a_temporary_folder(func):
+    """``func`` run in an empty folder of its own: the sweep's strings become file names."""
+
+    @functools.wraps(func)
+    def run(**kwargs):
+        with tempfile.TemporaryDirectory() as folder:
+            previous = os.getcwd()
+            os.chdir(folder)
+            try:
+                return func(**kwargs)
+            finally:
+                os.chdir(previous)
+
+    return run
+
+
 FILES = [
-    Case(save_cache, lambda: {"cache": {"f": [np.zeros(2)]}, "path": "/dev/null"}),
+    Case(
+        _in_a_temporary_folder(save_cache),
+        lambda: {"cache": {"f": [np.zeros(2), {"attn": np.ones(2)}]}, "path": "cache.npz"},
+    ),
+    Case(_in_a_temporary_folder(load_cache), lambda: {"path": "/dev/null"}),
 ]
 
 
