@@ -15,6 +15,7 @@ imported torch, so ``sys.modules`` is enough to recognise one. That keeps
 """
 
 import collections
+import collections.abc
 import math
 import os
 import sys
@@ -276,6 +277,31 @@ def check_index(index: Integer, size: int, func: str, name: str) -> int:
     return int(index) % size
 
 
+def sequence_of(
+    value: object, single: Union[type, Tuple[type, ...]], func: str, name: str, expected: str
+) -> list:
+    """``value`` as a list: ``[value]`` if it is one item (an instance of ``single``), else its items.
+
+    Anything that is neither (a number where indices are expected, an object) is refused
+    with ``expected`` in the message, instead of failing later on iteration.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, single):
+        return [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Iterable):
+        raise VisualizerError(f"{func}: {name} must be {expected}; got {value!r}")
+    return list(value)
+
+
+def index_list(value: object, size: int, func: str, name: str, what: str = "index") -> List[int]:
+    """One index or a sequence of them (at least one ``what``) as non-negative ints < ``size``."""
+    items = sequence_of(value, (int, np.integer), func, name, "an int or a sequence of ints")
+    if not items:
+        raise VisualizerError(f"{func}: {name} must name at least one {what}; got {value!r}")
+    return [check_index(item, size, func, name) for item in items]
+
+
 def positive_int(value: Integer, func: str, name: str) -> int:
     """Return ``value`` as an int if it is an int >= 1 (a count: columns, layers)."""
     if not is_int(value) or value < 1:
@@ -306,6 +332,8 @@ def check_number(
     if not (above and below and math.isfinite(number)):
         if math.isinf(low) and math.isinf(high):
             expected = "a finite number"
+        elif low == 0 and low_open and math.isinf(high):
+            expected = "positive"
         else:
             expected = f"in {'(' if low_open else '['}{low:g}, {high:g}" + (
                 ")" if high_open else "]"

@@ -43,10 +43,14 @@ import numpy as np
 
 from ._arrays import (
     ArrayOrTensor,
+    check_bool,
     check_index,
     check_probabilities,
+    index_list,
     is_integer_data,
     is_torch_tensor,
+    positive_int,
+    sequence_of,
     to_numpy,
 )
 from ._errors import VisualizerError
@@ -149,8 +153,8 @@ def explore(
         (['layer 0'], ['tokens'])
     """
     func = _WHO
-    if not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise VisualizerError(f"{func}: max_bytes must be a positive int; got {max_bytes!r}")
+    positive_int(max_bytes, func, "max_bytes")
+    check_bool(rollout, func, "rollout")
     named = _choose_layers(_named_layers(maps, batch, func), layers, func)
     token_labels = _labels(tokens, func, "tokens")
     query_labels = _labels(query_tokens, func, "query_tokens")
@@ -350,7 +354,9 @@ def _item(entry: Any, batch: int, func: str, name: str) -> np.ndarray:
 def _choose_layers(named: List[_Layer], layers: Optional[LayerChoice], func: str) -> List[_Layer]:
     if layers is None:
         return named
-    choices = [layers] if isinstance(layers, (str, int)) else list(layers)
+    choices = sequence_of(
+        layers, (str, int, np.integer), func, "layers", "globs over layer names or indices"
+    )
     chosen: List[int] = []
     for choice in choices:
         if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
@@ -458,10 +464,7 @@ def _classify(
 def _indices(choice: Optional[IndexChoice], size: int, func: str, name: str) -> Optional[List[int]]:
     if choice is None:
         return None
-    values = [choice] if isinstance(choice, (int, np.integer)) else list(choice)
-    if not values:
-        raise VisualizerError(f"{func}: {name} must name at least one index; got {choice!r}")
-    return sorted({check_index(value, size, func, name) for value in values})
+    return sorted(set(index_list(choice, size, func, name)))
 
 
 def _select(

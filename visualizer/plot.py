@@ -49,7 +49,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
-from matplotlib.colors import ListedColormap, to_rgba
+from matplotlib.colors import Colormap, ListedColormap, to_rgba
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
@@ -58,11 +58,18 @@ from matplotlib.patches import Rectangle
 from ._arrays import (
     ArrayOrTensor,
     attention_array,
+    check_bool,
+    check_finite,
+    check_choice,
     check_index,
+    check_number,
+    index_list,
+    sequence_of,
     cross_attention_array,
     grid_shape,
     is_integer_data,
     is_torch_tensor,
+    positive_int,
     to_numpy,
 )
 from ._errors import VisualizerError
@@ -93,8 +100,37 @@ def _root(figure: FigureLike) -> Figure:
     return figure if isinstance(figure, Figure) else figure.figure
 
 
-def _single_axes(ax: Optional[Axes], figsize: Tuple[float, float]) -> Tuple[FigureLike, Axes]:
+def _check_colormap(cmap: Union[str, Colormap], func: str) -> None:
+    if not (isinstance(cmap, Colormap) or (isinstance(cmap, str) and cmap in matplotlib.colormaps)):
+        raise VisualizerError(
+            f"{func}: cmap must be a matplotlib colormap or its name (e.g. {MATRIX_COLORMAP!r}); "
+            f"got {cmap!r}"
+        )
+
+
+def _check_overlay(mode: str, alpha: float, cmap: Union[str, Colormap], func: str) -> None:
+    """Refuse bad drawing options of a map over an image before anything is drawn."""
+    check_choice(mode, ("nearest", "bilinear"), func, "mode")
+    check_number(alpha, func, "alpha", 0, 1)
+    _check_colormap(cmap, func)
+
+
+def _check_figure(fig: Optional[FigureLike], func: str) -> None:
+    if fig is not None and not isinstance(fig, (Figure, SubFigure)):
+        raise VisualizerError(
+            f"{func}: fig must be a matplotlib Figure or SubFigure, or None; got "
+            f"{type(fig).__name__}"
+        )
+
+
+def _single_axes(
+    ax: Optional[Axes], figsize: Tuple[float, float], func: str
+) -> Tuple[FigureLike, Axes]:
     """The figure and axes to draw one panel in: the caller's, or new ones."""
+    if ax is not None and not isinstance(ax, Axes):
+        raise VisualizerError(
+            f"{func}: ax must be a matplotlib Axes or None; got {type(ax).__name__}"
+        )
     if ax is None:
         figure = Figure(figsize=figsize, layout="constrained")
         return figure, figure.add_subplot()
@@ -102,10 +138,11 @@ def _single_axes(ax: Optional[Axes], figsize: Tuple[float, float]) -> Tuple[Figu
 
 
 def _panel_grid(
-    fig: Optional[FigureLike], count: int, ncols: int, panel_size: float = 3.0
+    fig: Optional[FigureLike], count: int, ncols: int, func: str, panel_size: float = 3.0
 ) -> Tuple[FigureLike, List[Axes]]:
     """``count`` axes in rows of ``ncols`` on ``fig`` (new if None); unused slots removed."""
-    ncols = max(1, min(ncols, count))
+    _check_figure(fig, func)
+    ncols = min(positive_int(ncols, func, "ncols"), count)
     nrows = math.ceil(count / ncols)
     if fig is None:
         fig = Figure(figsize=(panel_size * ncols, panel_size * nrows + 0.6), layout="constrained")
@@ -163,11 +200,20 @@ def _display_image(
             f"{func}: image must have shape (H, W, 3), (3, H, W), (B, 3, H, W) or (H, W); got "
             f"shape {array.shape}"
         )
-    if array.shape[-1] not in (1, 3, 4):
+    if array.shape[-1] not in (1, 3, 4) or array.size == 0:
         raise VisualizerError(
-            f"{func}: image must have 1, 3 or 4 channels; got shape {array.shape}"
+            f"{func}: image must have 1, 3 or 4 channels and at least one pixel; got shape "
+            f"{array.shape}"
         )
+    check_finite(array, func, "image")
     array = array[..., :3].astype(np.float64)
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in (1, array.shape[-1]):
+            raise VisualizerError(
+                f"{func}: {name} has {len(values)} values, one per channel, but the image has "
+                f"{array.shape[-1]} channels (shape {array.shape}); expected {array.shape[-1]} "
+                "values or 1"
+            )
     if integer:
         array = array / 255.0
     if mean is not None or std is not None:
@@ -288,9 +334,10 @@ def head(
         'layer 3, head 1'
     """
     func = "plot.head"
+    _check_colormap(cmap, func)
     item, batch_size = _map_item(attn, batch_index, func, square=False)
     index = check_index(head, item.shape[0], func, "head")
-    fig, ax = _single_axes(ax, (5.5, 4.5))
+    fig, ax = _single_axes(ax, (5.5, 4.5), func)
     shown = ax.imshow(item[index], cmap=cmap, interpolation="nearest")
     fig.colorbar(shown, ax=ax)
     ax.set_xlabel("key token")
@@ -328,9 +375,10 @@ def heads(
         4
     """
     func = "plot.heads"
+    _check_colormap(cmap, func)
     item, batch_size = _map_item(attn, batch_index, func, square=False)
     count = item.shape[0]
-    fig, axes = _panel_grid(fig, count + 1, ncols)
+    fig, axes = _panel_grid(fig, count + 1, ncols, func)
     for index, (ax, values) in enumerate(zip(axes, [*item, item.mean(axis=0)])):
         ax.imshow(values, cmap=cmap, interpolation="nearest")
         ax.set_title(f"head {index}" if index < count else "mean of heads")
@@ -367,11 +415,10 @@ def _hidden_positions(
     """
     if hide_tokens is None:
         return set(), set()
-    if isinstance(hide_tokens, (str, int, np.integer)):
-        hide_tokens = [hide_tokens]
     rows: set = set()
     columns: set = set()
-    for token in hide_tokens:
+    expected = "token strings or int positions"
+    for token in sequence_of(hide_tokens, (str, int, np.integer), func, "hide_tokens", expected):
         if isinstance(token, str):
             found_rows = {index for index, label in enumerate(query_labels) if label == token}
             found_columns = {index for index, label in enumerate(key_labels) if label == token}
@@ -477,6 +524,7 @@ def tokens(
         ['hi', '[SEP]']
     """
     func = "plot.tokens"
+    _check_colormap(cmap, func)
     item, query_labels, key_labels, batch_size = _token_view(
         attn, tokens, query_tokens, hide_tokens, batch_index, func
     )
@@ -487,7 +535,7 @@ def tokens(
         values, head_part = item[index], f"head {index}"
     width = _token_figure_size(len(key_labels))
     height = _token_figure_size(len(query_labels))
-    fig, ax = _single_axes(ax, (width + 1.0, height))
+    fig, ax = _single_axes(ax, (width + 1.0, height), func)
     shown = ax.imshow(values, cmap=cmap, interpolation="nearest")
     fig.colorbar(shown, ax=ax)
     ax.set_xticks(range(len(key_labels)), key_labels, rotation=90)
@@ -564,20 +612,13 @@ def head_view(
         array([0.  , 1.  , 0.25, 0.75])
     """
     func = "plot.head_view"
+    check_bool(renormalize, func, "renormalize")
+    check_number(linewidth, func, "linewidth", 0, low_open=True)
     item, query_labels, key_labels, batch_size = _token_view(
         attn, tokens, query_tokens, hide_tokens, batch_index, func
     )
     count = item.shape[0]
-    if heads is None:
-        selected = list(range(count))
-    elif isinstance(heads, (int, np.integer)):
-        selected = [check_index(heads, count, func, "heads")]
-    else:
-        selected = [check_index(index, count, func, "heads") for index in heads]
-    if not selected:
-        raise VisualizerError(f"{func}: heads must name at least one head; got {heads!r}")
-    if not linewidth > 0:
-        raise VisualizerError(f"{func}: linewidth must be positive; got {linewidth!r}")
+    selected = list(range(count)) if heads is None else index_list(heads, count, func, "heads", "head")
 
     rows = max(len(query_labels), len(key_labels))
     query_y = _column_positions(len(query_labels), len(key_labels))
@@ -589,7 +630,7 @@ def head_view(
         [np.stack([np.zeros_like(starts), starts], -1), np.stack([np.ones_like(ends), ends], -1)],
         axis=1,
     )
-    fig, ax = _single_axes(ax, (4.5, _token_figure_size(rows)))
+    fig, ax = _single_axes(ax, (4.5, _token_figure_size(rows)), func)
     for index in selected:
         weights = item[index].astype(np.float64)
         if renormalize:
@@ -713,6 +754,9 @@ def query(
         (0.0, 1.0)
     """
     func = "plot.query"
+    _check_overlay(mode, alpha, cmap, func)
+    check_bool(show_cls, func, "show_cls")
+    _check_figure(fig, func)
     layout = ImageGeometry.resolve(
         geometry,
         caller=func,
@@ -863,6 +907,9 @@ def cls_attention(
         ['head 0, 60% mass', 'head 1, 60% mass', 'mean of heads, 60% mass']
     """
     func = "plot.cls_attention"
+    _check_overlay(mode, alpha, cmap, func)
+    if threshold is not None:
+        check_number(threshold, func, "threshold", 0, 1, low_open=True)
     layout = ImageGeometry.resolve(
         geometry,
         caller=func,
@@ -882,7 +929,7 @@ def cls_attention(
     selected = (
         list(range(per_head.shape[0]))
         if heads is None
-        else [check_index(index, per_head.shape[0], func, "heads") for index in heads]
+        else index_list(heads, per_head.shape[0], func, "heads", "head")
     )
     panels = [per_head[index] for index in selected] + [per_head[selected].mean(axis=0)]
     titles = [f"head {index}" for index in selected] + ["mean of heads"]
@@ -896,7 +943,7 @@ def cls_attention(
         else [None] * len(panels)
     )
 
-    fig, axes = _panel_grid(fig, len(panels), ncols)
+    fig, axes = _panel_grid(fig, len(panels), ncols, func)
     for ax, heat, title, mask in zip(axes, panels, titles, masks):
         _overlay(ax, picture, heat, mode, alpha, cmap)
         if mask is not None:
@@ -948,7 +995,7 @@ def mean_attention_distance(
             f"{func}: distances must have shape (L, H) (mean_attention_distance of a layer stack); "
             f"got shape {array.shape}"
         )
-    fig, ax = _single_axes(ax, (6, 4.5))
+    fig, ax = _single_axes(ax, (6, 4.5), func)
     layers = np.arange(array.shape[0])
     for index in range(array.shape[1]):
         ax.scatter(layers, array[:, index], s=14, label=f"head {index}")
@@ -1014,6 +1061,9 @@ def cross_attention(
         ['query 2', 'attention', 'query 5', 'attention']
     """
     func = "plot.cross_attention"
+    check_bool(per_head, func, "per_head")
+    _check_colormap(cmap, func)
+    _check_figure(fig, func)
     if isinstance(geometry, ImageGeometry) and geometry.num_prefix_tokens != 0:
         raise VisualizerError(
             f"{func}: cross-attention keys are feature-map cells only, with no prefix tokens; "
@@ -1027,12 +1077,7 @@ def cross_attention(
     batch_size, count, num_queries, cells = array.shape
     item = array[check_index(batch_index, batch_size, func, "batch_index")]
     grid = grid_shape(cells, 0, layout.grid_size, func, "cross_attn")
-    chosen = [queries] if isinstance(queries, (int, np.integer)) else list(queries)
-    selected = [check_index(index, num_queries, func, "queries") for index in chosen]
-    if not selected:
-        raise VisualizerError(
-            f"{func}: queries must name at least one object query; got {queries!r}"
-        )
+    selected = index_list(queries, num_queries, func, "queries", "object query")
     box_array = None if boxes is None else to_numpy(boxes, func, "boxes")
     if box_array is not None:
         if box_array.shape[-1:] != (4,) or box_array.size != 4 * len(selected):
@@ -1123,6 +1168,7 @@ def rollout(
         (2, 2)
     """
     func = "plot.rollout"
+    _check_overlay(mode, alpha, cmap, func)
     layout = ImageGeometry.resolve(
         geometry,
         caller=func,
@@ -1136,7 +1182,7 @@ def rollout(
         heat = heat[check_index(batch_index, heat.shape[0], func, "batch_index")]
     picture = _display_image(image, batch_index, layout.mean, layout.std, func)
     _warn_if_unregistered(picture, (heat.shape[0], heat.shape[1]), func)
-    fig, ax = _single_axes(ax, (5, 5))
+    fig, ax = _single_axes(ax, (5, 5), func)
     _overlay(ax, picture, heat, mode, alpha, cmap)
     ax.set_title(title)
     return _root(fig)
