@@ -157,3 +157,76 @@ def test_named_bad_inputs_are_refused(call, message):
 def test_a_grey_image_takes_one_channel_of_mean():
     fig = plot.cls_attention(MAP, np.zeros((32, 32)), mean=(0.5,), std=(0.2,))
     assert len(fig.axes) == 4
+
+
+# ------------------------------------------------------------- capture options
+
+
+def test_a_selected_row_kept_with_its_graph_owns_its_storage(gl):
+    """detach=False with select: the row is stored as its own copy, not a view of the map."""
+
+    @gl("attn", select=lambda a: a[:, 0])
+    def attend(x):
+        attn = (x @ x.transpose(-1, -2)).softmax(-1)
+        return attn.sum()
+
+    x = torch.randn(4, 64, 8, requires_grad=True)
+    gl.activate(keep_on_device=True, detach=False)
+    attend(x)
+    (row,) = gl.cache[attend.__qualname__]
+    assert row.shape == (4, 64) and row.is_contiguous()
+    assert row.untyped_storage().nbytes() == row.numel() * row.element_size()
+    assert row.requires_grad  # still in the graph: gradients flow to x through it
+    (grad,) = torch.autograd.grad(row.sum(), x)
+    assert grad.shape == x.shape
+
+
+def test_the_unselected_map_kept_with_its_graph_is_the_graphs_tensor(gl):
+    """Without select, detach=False keeps the very tensor, so gradients w.r.t. it exist."""
+
+    @gl("attn")
+    def attend(x):
+        attn = (x @ x.transpose(-1, -2)).softmax(-1)
+        return (attn * 2).sum()
+
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    gl.activate(keep_on_device=True, detach=False)
+    out = attend(x)
+    (attn,) = gl.cache[attend.__qualname__]
+    (grad,) = torch.autograd.grad(out, attn)
+    assert torch.equal(grad, torch.full_like(attn, 2.0))
+
+
+def test_the_users_own_dynamo_marker_survives_activate_and_deactivate(gl):
+    def marked(x):
+        attn = x + 1
+        return attn
+
+    marked._torchdynamo_disable = True  # the user's own: Dynamo must keep skipping it
+    def unmarked(x):
+        attn = x + 1
+        return attn
+
+    gl("attn")(marked)
+    gl("attn")(unmarked)
+    gl.activate()
+    gl.deactivate()
+    assert marked.__dict__.get("_torchdynamo_disable") is True
+    gl.activate()
+    gl.deactivate()
+    assert marked.__dict__.get("_torchdynamo_disable") is True
+    assert "_torchdynamo_disable" not in unmarked.__dict__  # the library's own is removed
+
+
+def test_a_function_under_torch_dynamo_disable_is_captured_and_stays_disabled(gl):
+    @gl("attn")
+    @torch._dynamo.disable
+    def attend(x):
+        attn = x + 1
+        return attn
+
+    gl.activate()
+    attend(torch.ones(2))
+    gl.deactivate()
+    assert len(gl.cache[attend.__wrapped__.__qualname__]) == 1
+    assert attend._torchdynamo_disable is True
