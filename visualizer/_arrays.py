@@ -215,11 +215,13 @@ def layer_arrays(
         yield array, batched
 
 
-def check_prefix(num_prefix_tokens: Integer, num_tokens: int, func: str) -> int:
-    """Return ``num_prefix_tokens`` if it leaves at least one patch token."""
+def check_prefix(
+    num_prefix_tokens: Integer, num_tokens: int, func: str, name: str = "attn"
+) -> int:
+    """Return ``num_prefix_tokens`` if it leaves at least one patch token of the map ``name``."""
     if not is_int(num_prefix_tokens) or not 0 <= num_prefix_tokens < num_tokens:
         raise VisualizerError(
-            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for maps with "
+            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for {name} with "
             f"{num_tokens} tokens; got {num_prefix_tokens!r}"
         )
     return int(num_prefix_tokens)
@@ -237,7 +239,7 @@ def grid_shape(
     ``grid_size`` may be ``(h, w)``, an int for a square grid, or None to infer
     a square grid from the number of patch tokens. ``name`` is the map's argument.
     """
-    num_patches = num_tokens - check_prefix(num_prefix_tokens, num_tokens, func)
+    num_patches = num_tokens - check_prefix(num_prefix_tokens, num_tokens, func, name)
     if grid_size is None:
         side = math.isqrt(num_patches)
         if side * side != num_patches:
@@ -260,7 +262,8 @@ def grid_shape(
     if height * width != num_patches:
         raise VisualizerError(
             f"{func}: grid_size {(height, width)} has {height * width} patches but {name} has "
-            f"{num_tokens} tokens - num_prefix_tokens={num_prefix_tokens} = {num_patches} patch tokens"
+            f"{num_tokens} tokens - num_prefix_tokens={num_prefix_tokens} = {num_patches} patch "
+            "tokens"
         )
     return height, width
 
@@ -280,7 +283,7 @@ def check_index(index: Integer, size: int, func: str, name: str) -> int:
 def sequence_of(
     value: object, single: Union[type, Tuple[type, ...]], func: str, name: str, expected: str
 ) -> list:
-    """``value`` as a list: ``[value]`` if it is one item (an instance of ``single``), else its items.
+    """``value`` as a list: ``[value]`` if it is one item (of type ``single``), else its items.
 
     Anything that is neither (a number where indices are expected, an object) is refused
     with ``expected`` in the message, instead of failing later on iteration.
@@ -424,3 +427,57 @@ def cross_attention_array(cross_attn: ArrayOrTensor, func: str) -> FloatArray:
         f"{func}: cross_attn must have shape (B, H, Q, h*w) or (B, Q, h*w) (head-averaged); got "
         f"shape {array.shape}"
     )
+
+
+def image_pixels(
+    image: ArrayOrTensor,
+    batch_index: Integer,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    func: str,
+    batch_name: str = "batch_index",
+) -> FloatArray:
+    """The image a model saw as float ``(height, width, 3)`` in ``[0, 1]``.
+
+    Accepts ``(H, W)``, ``(H, W, C)``, ``(C, H, W)`` and batches of them
+    (``batch_index`` picks the item). Tensors follow torch's ``(C, H, W)``;
+    arrays follow ``(H, W, C)`` unless only the first axis looks like channels.
+    Integer images are read as 0-255. ``mean``/``std`` (one value per channel,
+    or one for all) undo a ``Normalize`` transform. Float values still outside
+    ``[0, 1]`` are stretched to it, so a normalized tensor passed without
+    ``mean``/``std`` is at least recognisable.
+    """
+    integer = is_integer_data(image)
+    array = to_numpy(image, func, "image")
+    if array.ndim == 4:
+        array = array[check_index(batch_index, array.shape[0], func, f"{batch_name} (of image)")]
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3 and array.shape[0] in (1, 3) and (
+        is_torch_tensor(image) or array.shape[-1] not in (1, 3, 4)
+    ):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or array.size == 0:
+        raise VisualizerError(
+            f"{func}: image must have shape (H, W, 3), (3, H, W), (B, 3, H, W) or (H, W), with 1, "
+            f"3 or 4 channels and at least one pixel; got shape {tuple(np.shape(image))}"
+        )
+    check_finite(array, func, "image")
+    array = array[..., :3].astype(np.float64)
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in (1, array.shape[-1]):
+            raise VisualizerError(
+                f"{func}: {name} has {len(values)} values, one per channel, but the image has "
+                f"{array.shape[-1]} channels (shape {array.shape}); expected {array.shape[-1]} "
+                "values or 1"
+            )
+    if integer:
+        array = array / 255.0
+    if mean is not None or std is not None:
+        array = array * np.asarray(1.0 if std is None else std) + np.asarray(
+            0.0 if mean is None else mean
+        )
+    low, high = array.min(), array.max()
+    if low < 0 or high > 1:
+        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array

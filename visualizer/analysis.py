@@ -153,7 +153,7 @@ def _cls_row_on_grid(
 ) -> np.ndarray:
     """Row 0 of maps ``(B, H, Q, N)`` without prefix columns, as ``(B, H, h, w)``."""
     batch, heads, _, tokens = array.shape
-    if check_prefix(num_prefix_tokens, tokens, func) < 1:
+    if check_prefix(num_prefix_tokens, tokens, func, name) < 1:
         raise VisualizerError(
             f"{func}: num_prefix_tokens must be >= 1 (the map needs a CLS token); got "
             f"{num_prefix_tokens!r}"

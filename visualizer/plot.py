@@ -59,17 +59,15 @@ from ._arrays import (
     ArrayOrTensor,
     attention_array,
     check_bool,
-    check_finite,
     check_choice,
     check_index,
     check_number,
-    index_list,
-    sequence_of,
     cross_attention_array,
     grid_shape,
-    is_integer_data,
-    is_torch_tensor,
+    image_pixels,
+    index_list,
     positive_int,
+    sequence_of,
     to_numpy,
 )
 from ._errors import VisualizerError
@@ -172,58 +170,8 @@ def _display_image(
     std: Optional[Tuple[float, ...]],
     func: str,
 ) -> Optional[np.ndarray]:
-    """The image the model saw as float ``(height, width, 3)`` in ``[0, 1]``, or None.
-
-    Accepts ``(H, W)``, ``(H, W, C)``, ``(C, H, W)`` and batches of them
-    (``batch_index`` picks the item). Integer images are read as 0-255.
-    ``mean``/``std`` undo a ``Normalize`` transform. Float values still outside
-    ``[0, 1]`` are stretched to it, so a normalized tensor passed without
-    ``mean``/``std`` is at least recognisable.
-    """
-    if image is None:
-        return None
-    integer = is_integer_data(image)
-    array = to_numpy(image, func, "image")
-    if array.ndim == 4:
-        array = array[check_index(batch_index, array.shape[0], func, "batch_index")]
-    if array.ndim == 2:
-        array = array[..., None]
-    elif array.ndim == 3:
-        # Tensors follow torch's (C, H, W); arrays follow (H, W, C) unless only
-        # the first axis looks like channels.
-        if array.shape[0] in (1, 3) and (
-            is_torch_tensor(image) or array.shape[-1] not in (1, 3, 4)
-        ):
-            array = np.moveaxis(array, 0, -1)
-    else:
-        raise VisualizerError(
-            f"{func}: image must have shape (H, W, 3), (3, H, W), (B, 3, H, W) or (H, W); got "
-            f"shape {array.shape}"
-        )
-    if array.shape[-1] not in (1, 3, 4) or array.size == 0:
-        raise VisualizerError(
-            f"{func}: image must have 1, 3 or 4 channels and at least one pixel; got shape "
-            f"{array.shape}"
-        )
-    check_finite(array, func, "image")
-    array = array[..., :3].astype(np.float64)
-    for name, values in (("mean", mean), ("std", std)):
-        if values is not None and len(values) not in (1, array.shape[-1]):
-            raise VisualizerError(
-                f"{func}: {name} has {len(values)} values, one per channel, but the image has "
-                f"{array.shape[-1]} channels (shape {array.shape}); expected {array.shape[-1]} "
-                "values or 1"
-            )
-    if integer:
-        array = array / 255.0
-    if mean is not None or std is not None:
-        array = array * np.asarray(1.0 if std is None else std) + np.asarray(
-            0.0 if mean is None else mean
-        )
-    low, high = array.min(), array.max()
-    if low < 0 or high > 1:
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+    """The image the model saw as float ``(height, width, 3)`` in ``[0, 1]``, or None."""
+    return None if image is None else image_pixels(image, batch_index, mean, std, func)
 
 
 def _warn_if_unregistered(
@@ -392,7 +340,11 @@ def heads(
 
 def _token_labels(labels: Any, count: int, func: str, name: str, axis: str) -> List[str]:
     """``labels`` as ``count`` strings, one per query row or key column."""
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+    if (
+        isinstance(labels, (str, bytes))
+        or not isinstance(labels, Iterable)
+        or np.ndim(labels) == 0 and isinstance(labels, np.ndarray)
+    ):
         raise VisualizerError(
             f"{func}: {name} must be a sequence of token strings, one per {axis}; got "
             f"{type(labels).__name__}"
@@ -400,7 +352,7 @@ def _token_labels(labels: Any, count: int, func: str, name: str, axis: str) -> L
     strings = [str(label) for label in labels]
     if len(strings) != count:
         raise VisualizerError(
-            f"{func}: {name} must hold one label per {axis} ({count}); got {len(strings)}"
+            f"{func}: {name} must hold one label per {axis} of attn ({count}); got {len(strings)}"
         )
     return strings
 
@@ -618,7 +570,9 @@ def head_view(
         attn, tokens, query_tokens, hide_tokens, batch_index, func
     )
     count = item.shape[0]
-    selected = list(range(count)) if heads is None else index_list(heads, count, func, "heads", "head")
+    selected = (
+        list(range(count)) if heads is None else index_list(heads, count, func, "heads", "head")
+    )
 
     rows = max(len(query_labels), len(key_labels))
     query_y = _column_positions(len(query_labels), len(key_labels))
