@@ -2,6 +2,7 @@
 
 The torch-free sweep of analysis and files is tests/core/test_bad_input.py.
 """
+import functools
 import warnings
 
 import numpy as np
@@ -10,20 +11,17 @@ import pytest
 torch = pytest.importorskip("torch")
 matplotlib = pytest.importorskip("matplotlib")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 from tests.core.sweep import (  # noqa: E402
     Case,
-    check,
     index_in,
     is_bool,
     number_in,
     one_of,
     positive_int,
-    values,
+    sweep_test,
 )
-from visualizer import VisualizerError, explore, plot  # noqa: E402
+from visualizer import VisualizerError, capture_attention, explore, plot  # noqa: E402
 
 MAP = np.full((2, 3, 5, 5), 0.2)  # (B=2, H=3, N=1 + 2x2)
 IMAGE = np.zeros((32, 32, 3))
@@ -119,12 +117,35 @@ PLOTS = [
 ]
 
 
-@pytest.mark.parametrize("case", PLOTS, ids=repr)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_every_argument_is_checked(case, data):
-    name = data.draw(st.sampled_from(sorted(case.kwargs())), label="argument")
-    check(case, name, data.draw(values, label="value"))
+class _OneAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+MODEL = _OneAttention().eval()
+
+
+@functools.wraps(capture_attention)
+def _capture(**kwargs):
+    with capture_attention(**kwargs):
+        MODEL(torch.randn(1, 5, 8))
+
+
+CAPTURE = [
+    Case(
+        _capture,
+        lambda: {"model": MODEL, "modules": None, "rows": 0, "heads": None,
+                 "keep_on_device": False, "dtype": None, "max_entries": None, "ranks": None},
+        {"keep_on_device": is_bool},
+    ),
+]
+
+
+test_every_argument_is_checked = sweep_test(PLOTS + CAPTURE, max_examples=15)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import (
     TYPE_CHECKING,
+    Any,
     Iterable,
     Iterator,
     List,
@@ -399,10 +400,9 @@ def pair(
     value: Union[float, np.integer, np.floating, Sequence[SupportsFloat]], func: str, name: str
 ) -> Tuple[float, float]:
     """Return ``(a, b)`` from a positive number or a pair of positive numbers."""
-    if is_real(value):
-        value = (value, value)
+    items: Any = (value, value) if is_real(value) else value
     try:
-        first, second = value  # type: ignore[misc]  # refused below if not a pair
+        first, second = items
         if not (is_real(first) and is_real(second)):
             raise TypeError
     except (TypeError, ValueError):

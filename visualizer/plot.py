@@ -343,7 +343,7 @@ def _token_labels(labels: Any, count: int, func: str, name: str, axis: str) -> L
     if (
         isinstance(labels, (str, bytes))
         or not isinstance(labels, Iterable)
-        or np.ndim(labels) == 0 and isinstance(labels, np.ndarray)
+        or (isinstance(labels, np.ndarray) and labels.ndim == 0)
     ):
         raise VisualizerError(
             f"{func}: {name} must be a sequence of token strings, one per {axis}; got "
@@ -637,8 +637,9 @@ def head_view(
 
 def _query_cell(query: Any, grid: Tuple[int, int], func: str) -> Tuple[int, int]:
     """``(row, col)`` of a query given as ``(row, col)`` or a flat patch index."""
+    on_grid = f"(on the {grid[0]}x{grid[1]} patch grid of attn)"
     if isinstance(query, (int, np.integer)):
-        row, col = divmod(check_index(query, grid[0] * grid[1], func, "query"), grid[1])
+        row, col = divmod(check_index(query, grid[0] * grid[1], func, f"query {on_grid}"), grid[1])
         return row, col
     try:
         row, col = query
@@ -646,8 +647,8 @@ def _query_cell(query: Any, grid: Tuple[int, int], func: str) -> Tuple[int, int]
         raise VisualizerError(
             f"{func}: query must be a patch index or (row, col); got {query!r}"
         ) from None
-    return check_index(row, grid[0], func, "query row"), check_index(
-        col, grid[1], func, "query col"
+    return check_index(row, grid[0], func, f"query row {on_grid}"), check_index(
+        col, grid[1], func, f"query col {on_grid}"
     )
 
 

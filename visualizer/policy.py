@@ -123,17 +123,15 @@ def dtype_name(dtype: Any, who: str = "get_local") -> Optional[str]:
         return None
     if isinstance(dtype, str):
         name = dtype.replace("torch.", "")
-        if name not in STORABLE_DTYPES:
-            _refuse_dtype(dtype, who)
     elif type(dtype).__module__ == "torch":
         name = str(dtype).replace("torch.", "")
-    else:
-        name = dtype
-    if name not in STORABLE_DTYPES:
+    elif isinstance(dtype, (np.dtype, type)):  # np.dtype('<f2'), np.float32
         try:
-            name = np.dtype(name).name
+            name = np.dtype(dtype).name
         except TypeError:
             _refuse_dtype(dtype, who)
+    else:
+        _refuse_dtype(dtype, who)
     if name not in STORABLE_DTYPES:
         _refuse_dtype(dtype, who)
     return name

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -117,3 +119,18 @@ def check(case: Case, name: str, value: Any) -> None:
     assert not raw, f"{call} let a warning out from inside: {raw[0].message}"
     accepts = case.accepts.get(name)
     assert accepts is None or accepts(value), f"{call} accepted an invalid value silently"
+
+
+def sweep_test(cases, max_examples):
+    """A test sweeping the arguments of each of ``cases``: one pytest case per function."""
+
+    @pytest.mark.parametrize("case", cases, ids=repr)
+    @settings(
+        max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(data=st.data())
+    def test(case, data):
+        name = data.draw(st.sampled_from(sorted(case.kwargs())), label="argument")
+        check(case, name, data.draw(values, label="value"))
+
+    return test

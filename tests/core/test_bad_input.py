@@ -1,4 +1,4 @@
-"""Bad input to analysis, files and storage options: a clear error, never a raw one or a silent pass.
+"""Bad input to analysis, files and capture options: a clear error, never a raw one.
 
 Torch-free (tests/core): the plots and the explorer are swept in tests/test_bad_input.py.
 """
@@ -8,8 +8,6 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from tests.core.sweep import (
     Case,
@@ -20,9 +18,10 @@ from tests.core.sweep import (
     number_in,
     one_of,
     positive_int,
-    values,
+    sweep_test,
 )
-from visualizer import VisualizerError, analysis, load_cache, save_cache
+from visualizer import StoragePolicy, VisualizerError, analysis, load_cache, save_cache
+from visualizer.capture import GetLocal
 from visualizer.analysis import ImageGeometry
 
 # One forward of a 2-layer model: (B=2, H=3, N=1 + 2x2) per layer.
@@ -162,16 +161,27 @@ FILES = [
 ]
 
 
-def _argument_cases(cases):
-    return [(case, name) for case in cases for name in case.kwargs()]
+@functools.wraps(GetLocal.activate)
+def _activate(**kwargs):
+    get_local = GetLocal()
+    try:
+        get_local.activate(**kwargs)
+    finally:
+        get_local.deactivate()
 
 
-@pytest.mark.parametrize("case", ANALYSIS + FILES, ids=repr)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_every_argument_is_checked(case, data):
-    name = data.draw(st.sampled_from(sorted(case.kwargs())), label="argument")
-    check(case, name, data.draw(values, label="value"))
+STORAGE_OPTIONS = {"keep_on_device": False, "dtype": None, "max_entries": None, "detach": True}
+CAPTURE = [
+    Case(StoragePolicy, lambda: dict(STORAGE_OPTIONS), {"keep_on_device": is_bool}),
+    Case(
+        _activate,
+        lambda: {**STORAGE_OPTIONS, "ranks": None},
+        {"keep_on_device": is_bool, "detach": is_bool},
+    ),
+]
+
+
+test_every_argument_is_checked = sweep_test(ANALYSIS + FILES + CAPTURE, max_examples=40)
 
 
 # The cases met in use, each also in the sweep's reach; kept by name so that a
