@@ -14,6 +14,7 @@ matplotlib = pytest.importorskip("matplotlib")
 
 from tests.core.sweep import (  # noqa: E402
     Case,
+    check_coverage,
     index_in,
     is_bool,
     number_in,
@@ -21,7 +22,7 @@ from tests.core.sweep import (  # noqa: E402
     positive_int,
     sweep_test,
 )
-from visualizer import VisualizerError, capture_attention, explore, plot  # noqa: E402
+from visualizer import VisualizerError, attention, capture_attention, explore, plot  # noqa: E402
 
 MAP = np.full((2, 3, 5, 5), 0.2)  # (B=2, H=3, N=1 + 2x2)
 IMAGE = np.zeros((32, 32, 3))
@@ -146,6 +147,11 @@ CAPTURE = [
 
 
 test_every_argument_is_checked = sweep_test(PLOTS + CAPTURE, max_examples=15)
+
+
+def test_the_sweep_covers_every_function_and_argument():
+    check_coverage(PLOTS, plot)
+    check_coverage(CAPTURE, attention)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ KeyError, a numpy RuntimeWarning) escaped from inside. Where ``accepts`` says th
 value is not valid, the call must raise: a silent pass is a failure too.
 Torch-free, so that tests/core can use it on every Python.
 """
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -134,3 +135,19 @@ def sweep_test(cases, max_examples):
         check(case, name, data.draw(values, label="value"))
 
     return test
+
+
+def check_coverage(cases, module):
+    """Every public function of ``module`` is swept, each with every one of its arguments."""
+    swept = {inspect.unwrap(case.func) for case in cases}
+    public = {
+        value
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and inspect.isfunction(value)
+        and value.__module__ == module.__name__
+    }
+    assert not public - swept, f"not swept: {sorted(f.__name__ for f in public - swept)}"
+    for case in cases:
+        arguments = set(inspect.signature(case.func).parameters) - {"self"}
+        assert set(case.kwargs()) == arguments, f"{case.name}: sweep {sorted(case.kwargs())}"

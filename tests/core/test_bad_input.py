@@ -12,6 +12,7 @@ import pytest
 from tests.core.sweep import (
     Case,
     check,
+    check_coverage,
     index_in,
     is_bool,
     is_int,
@@ -20,7 +21,7 @@ from tests.core.sweep import (
     positive_int,
     sweep_test,
 )
-from visualizer import StoragePolicy, VisualizerError, analysis, load_cache, save_cache
+from visualizer import StoragePolicy, VisualizerError, analysis, files, load_cache, policy, save_cache
 from visualizer.capture import GetLocal
 from visualizer.analysis import ImageGeometry
 
@@ -75,6 +76,7 @@ ANALYSIS = [
         lambda: {
             "maps": _maps(),
             "grads": _maps(),
+            "score": None,
             "discard_ratio": 0.0,
             "add_identity": True,
             "num_layers": None,
@@ -83,7 +85,12 @@ ANALYSIS = [
     ),
     Case(
         analysis.rollout_cls_attention,
-        lambda: {"rollout": np.full((2, 5, 5), 0.2), "grid_size": (2, 2), "num_prefix_tokens": 1},
+        lambda: {
+            "rollout": np.full((2, 5, 5), 0.2),
+            "grid_size": (2, 2),
+            "num_prefix_tokens": 1,
+            "geometry": None,
+        },
     ),
     Case(
         analysis.threshold_mask,
@@ -172,7 +179,12 @@ def _activate(**kwargs):
 
 STORAGE_OPTIONS = {"keep_on_device": False, "dtype": None, "max_entries": None, "detach": True}
 CAPTURE = [
-    Case(StoragePolicy, lambda: dict(STORAGE_OPTIONS), {"keep_on_device": is_bool}),
+    Case(
+        StoragePolicy,
+        lambda: {**STORAGE_OPTIONS, "who": "get_local"},
+        {"keep_on_device": is_bool, "detach": is_bool},
+    ),
+    Case(policy.dtype_name, lambda: {"dtype": "float32", "who": "get_local"}),
     Case(
         _activate,
         lambda: {**STORAGE_OPTIONS, "ranks": None},
@@ -182,6 +194,12 @@ CAPTURE = [
 
 
 test_every_argument_is_checked = sweep_test(ANALYSIS + FILES + CAPTURE, max_examples=40)
+
+
+def test_the_sweep_covers_every_function_and_argument():
+    check_coverage(ANALYSIS, analysis)
+    check_coverage(FILES, files)
+    check_coverage(CAPTURE, policy)
 
 
 # The cases met in use, each also in the sweep's reach; kept by name so that a
