@@ -23,6 +23,8 @@ from tests.core.sweep import (  # noqa: E402
     sweep_test,
 )
 from visualizer import VisualizerError, attention, capture_attention, explore, plot  # noqa: E402
+from visualizer.capture import GetLocal  # noqa: E402
+from visualizer.fused import SdpaCapture  # noqa: E402
 
 MAP = np.full((2, 3, 5, 5), 0.2)  # (B=2, H=3, N=1 + 2x2)
 IMAGE = np.zeros((32, 32, 3))
@@ -136,7 +138,19 @@ def _capture(**kwargs):
         MODEL(torch.randn(1, 5, 8))
 
 
+@functools.wraps(SdpaCapture.activate)
+def _sdpa_activate(**kwargs):
+    recorder = SdpaCapture(GetLocal())
+    try:
+        recorder.activate(**kwargs)
+        q = torch.randn(1, 2, 5, 4)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    finally:
+        recorder.deactivate()
+
+
 CAPTURE = [
+    Case(_sdpa_activate, lambda: {"rows": 0, "heads": None, "ranks": None}),
     Case(
         _capture,
         lambda: {"model": MODEL, "modules": None, "rows": 0, "heads": None,
@@ -181,9 +195,13 @@ def test_named_bad_inputs_are_refused(call, message):
             call()
 
 
-def test_a_grey_image_takes_one_channel_of_mean():
-    fig = plot.cls_attention(MAP, np.zeros((32, 32)), mean=(0.5,), std=(0.2,))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_grey_image_takes_one_value_or_an_rgb_models_three(channels):
+    mean, std = (0.5,) * channels, (0.2,) * channels
+    fig = plot.cls_attention(MAP, np.zeros((32, 32)), mean=mean, std=std)
     assert len(fig.axes) == 4
+    with pytest.raises(VisualizerError, match=r"mean has 2 values.*expected 1 or 3 values"):
+        plot.cls_attention(MAP, np.zeros((32, 32)), mean=(0.5, 0.5))
 
 
 # ------------------------------------------------------------- capture options

@@ -464,12 +464,14 @@ def image_pixels(
         )
     check_finite(array, func, "image")
     array = array[..., :3].astype(np.float64)
+    # A grey image may be undone with an RGB model's three values: it becomes RGB.
+    counts = (1, 3) if array.shape[-1] == 1 else (1, array.shape[-1])
     for name, values in (("mean", mean), ("std", std)):
-        if values is not None and len(values) not in (1, array.shape[-1]):
+        if values is not None and len(values) not in counts:
             raise VisualizerError(
                 f"{func}: {name} has {len(values)} values, one per channel, but the image has "
-                f"{array.shape[-1]} channels (shape {array.shape}); expected {array.shape[-1]} "
-                "values or 1"
+                f"{array.shape[-1]} channels (shape {array.shape}); expected "
+                f"{' or '.join(map(str, counts))} values"
             )
     if integer:
         array = array / 255.0
