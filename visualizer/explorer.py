@@ -461,7 +461,8 @@ def _classify(
     else:
         raise VisualizerError(
             f"{func}: the map {layer.name!r} of maps has {queries} queries (shape "
-            f"{layer.array.shape}) but no label list has {queries} entries; pass query_tokens= with one per query"
+            f"{layer.array.shape}) but no label list has {queries} entries; pass query_tokens= "
+            "with one per query"
         )
 
 

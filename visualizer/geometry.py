@@ -71,10 +71,14 @@ def _channels(value: Any, func: str, name: str) -> Optional[tuple[float, ...]]:
     if value is None:
         return None
     values = to_numpy(value, func, name).astype(np.float64).ravel()
-    if values.size == 0 or (name == "std" and not (values > 0).all()):
+    if (
+        values.size == 0
+        or not np.isfinite(values).all()
+        or (name == "std" and not (values > 0).all())
+    ):
         raise VisualizerError(
             f"{func}: {name} must hold one {'positive ' if name == 'std' else ''}number per "
-            f"channel; got {value!r}"
+            f"channel, all finite; got {value!r}"
         )
     return tuple(float(item) for item in values)
 

@@ -635,9 +635,14 @@ def head_view(
 # -------------------------------------------------------------- over images
 
 
-def _query_cell(query: Any, grid: Tuple[int, int], func: str) -> Tuple[int, int]:
+def _query_cell(
+    query: Any, grid: Tuple[int, int], num_prefix_tokens: int, func: str
+) -> Tuple[int, int]:
     """``(row, col)`` of a query given as ``(row, col)`` or a flat patch index."""
-    on_grid = f"(on the {grid[0]}x{grid[1]} patch grid of attn)"
+    on_grid = (
+        f"(on the {grid[0]}x{grid[1]} patch grid of attn after num_prefix_tokens="
+        f"{num_prefix_tokens})"
+    )
     if isinstance(query, (int, np.integer)):
         row, col = divmod(check_index(query, grid[0] * grid[1], func, f"query {on_grid}"), grid[1])
         return row, col
@@ -727,7 +732,7 @@ def query(
         raise VisualizerError(
             f"{func}: show_cls needs a CLS token (num_prefix_tokens >= 1); got {prefix_count!r}"
         )
-    row, col = _query_cell(query, grid, func)
+    row, col = _query_cell(query, grid, prefix_count, func)
     # Patch tokens follow the prefix tokens in row-major order.
     token = prefix_count + row * grid[1] + col
     if head is None:

@@ -114,7 +114,7 @@ class StoragePolicy:
 
 
 def dtype_name(dtype: Any, who: str = "get_local") -> Optional[str]:
-    """Normalize a dtype given as a name, numpy or torch dtype to its name (np.float32 -> 'float32').
+    """Normalize a dtype given by name or as a numpy/torch dtype to its name ('float32').
 
     A string must be one of the names: numpy's type codes ('f4', '<f2', 'd') and
     aliases ('float', 'int', whose size depends on the platform) are refused.

@@ -21,7 +21,15 @@ from tests.core.sweep import (
     positive_int,
     sweep_test,
 )
-from visualizer import StoragePolicy, VisualizerError, analysis, files, load_cache, policy, save_cache
+from visualizer import (
+    StoragePolicy,
+    VisualizerError,
+    analysis,
+    files,
+    load_cache,
+    policy,
+    save_cache,
+)
 from visualizer.capture import GetLocal
 from visualizer.analysis import ImageGeometry
 
