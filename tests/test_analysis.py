@@ -88,7 +88,7 @@ def test_cls_attention_keeps_layout_and_accepts_cls_row_only():
         (
             (2, 3, 11, 11),
             {"grid_size": (3, 3)},
-            "grid_size (3, 3) has 9 patches but the map has 11 tokens",
+            "grid_size (3, 3) has 9 patches but attn has 11 tokens",
         ),
         ((2, 3, 4, 11), {"grid_size": (2, 5)}, "(B, H, 1, N) (CLS row only)"),
         ((2, 3, 10, 10), {"num_prefix_tokens": 0}, "num_prefix_tokens must be >= 1"),

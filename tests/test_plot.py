@@ -177,7 +177,9 @@ def test_query_attention_without_image_uses_patch_coordinates():
 def test_query_attention_errors():
     attn = random_maps((1, 13, 13))
     with pytest.raises(
-        VisualizerError, match=r"plot.query: query row must be an int in \[-3, 3\); got 3"
+        VisualizerError,
+        match=r"plot.query: query row \(on the 3x4 patch grid of attn after num_prefix_tokens=1\) "
+        r"must be an int in \[-3, 3\); got 3",
     ):
         plot.plot_query_attention(attn, (3, 0), grid_size=(3, 4))
     with pytest.raises(VisualizerError, match="show_cls needs a CLS token"):

@@ -99,7 +99,7 @@ def test_tokens_draws_into_given_axes():
     [
         (
             {"tokens": TOKENS[:4]},
-            "plot.tokens: tokens must hold one label per key column (5); got 4",
+            "plot.tokens: tokens must hold one label per key column of attn (5); got 4",
         ),
         (
             {"tokens": "the cat sat"},

@@ -15,11 +15,14 @@ imported torch, so ``sys.modules`` is enough to recognise one. That keeps
 """
 
 import collections
+import collections.abc
 import math
+import os
 import sys
 from typing import (
     TYPE_CHECKING,
     Any,
+    Callable,
     Iterable,
     Iterator,
     List,
@@ -178,7 +181,7 @@ def layer_list(
         return list(maps), True
     if not (is_torch_tensor(maps) or isinstance(maps, np.ndarray)):
         maps = to_numpy(maps, func, name)
-    if maps.ndim == 5:
+    if maps.ndim == 5 and len(maps):
         return list(maps), True
     if maps.ndim in (3, 4):
         return [maps], False
@@ -214,14 +217,13 @@ def layer_arrays(
         yield array, batched
 
 
-def check_prefix(num_prefix_tokens: Integer, num_tokens: int, func: str) -> int:
-    """Return ``num_prefix_tokens`` if it leaves at least one patch token."""
-    if (
-        not isinstance(num_prefix_tokens, (int, np.integer))
-        or not 0 <= num_prefix_tokens < num_tokens
-    ):
+def check_prefix(
+    num_prefix_tokens: Integer, num_tokens: int, func: str, name: str = "attn"
+) -> int:
+    """Return ``num_prefix_tokens`` if it leaves at least one patch token of the map ``name``."""
+    if not is_int(num_prefix_tokens) or not 0 <= num_prefix_tokens < num_tokens:
         raise VisualizerError(
-            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for maps with "
+            f"{func}: num_prefix_tokens must be an int in [0, {num_tokens}) for {name} with "
             f"{num_tokens} tokens; got {num_prefix_tokens!r}"
         )
     return int(num_prefix_tokens)
@@ -232,55 +234,174 @@ def grid_shape(
     num_prefix_tokens: Integer,
     grid_size: Union[None, Integer, Sequence[SupportsInt]],
     func: str,
+    name: str = "attn",
 ) -> Tuple[int, int]:
     """Return the patch grid ``(h, w)`` for ``num_tokens`` tokens.
 
     ``grid_size`` may be ``(h, w)``, an int for a square grid, or None to infer
-    a square grid from the number of patch tokens.
+    a square grid from the number of patch tokens. ``name`` is the map's argument.
     """
-    num_patches = num_tokens - check_prefix(num_prefix_tokens, num_tokens, func)
+    num_patches = num_tokens - check_prefix(num_prefix_tokens, num_tokens, func, name)
     if grid_size is None:
         side = math.isqrt(num_patches)
         if side * side != num_patches:
             raise VisualizerError(
-                f"{func}: cannot infer a square grid_size from {num_patches} patch tokens "
-                f"({num_tokens} tokens - {num_prefix_tokens} prefix tokens); pass grid_size=(h, w)"
+                f"{func}: cannot infer a square grid_size from {num_patches} patch tokens of "
+                f"{name} ({num_tokens} tokens - num_prefix_tokens={num_prefix_tokens}); pass "
+                "grid_size=(h, w)"
             )
         return side, side
     height, width = grid_pair(grid_size, func)
     if height * width != num_patches:
         raise VisualizerError(
-            f"{func}: grid_size {(height, width)} has {height * width} patches but the map has "
-            f"{num_tokens} tokens - {num_prefix_tokens} prefix tokens = {num_patches} patch tokens"
+            f"{func}: grid_size {(height, width)} has {height * width} patches but {name} has "
+            f"{num_tokens} tokens - num_prefix_tokens={num_prefix_tokens} = {num_patches} patch "
+            "tokens"
         )
     return height, width
 
 
+def is_int(value: object) -> "TypeGuard[Integer]":
+    """True for an int or numpy integer; False for a bool, which is an int only by accident."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_index(index: Integer, size: int, func: str, name: str) -> int:
     """Return ``index`` as a non-negative int, accepting Python's negative indices."""
-    if not isinstance(index, (int, np.integer)) or not -size <= index < size:
+    if not is_int(index) or not -size <= index < size:
         raise VisualizerError(f"{func}: {name} must be an int in [{-size}, {size}); got {index!r}")
     return int(index) % size
 
 
-_INTS = (int, np.integer)
-_NUMBERS = (int, float, np.integer, np.floating)
+def sequence_of(
+    value: object, single: Union[type, Tuple[type, ...]], func: str, name: str, expected: str
+) -> list:
+    """``value`` as a list: ``[value]`` if it is one item (of type ``single``), else its items.
+
+    Anything that is neither (a number where indices are expected, an object) is refused
+    with ``expected`` in the message, instead of failing later on iteration.
+    """
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, single):
+        return [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Iterable):
+        raise VisualizerError(f"{func}: {name} must be {expected}; got {value!r}")
+    return list(value)
+
+
+def index_list(value: object, size: int, func: str, name: str, what: str = "index") -> List[int]:
+    """One index or a sequence of them (at least one ``what``) as non-negative ints < ``size``."""
+    items = sequence_of(value, (int, np.integer), func, name, "an int or a sequence of ints")
+    if not items:
+        raise VisualizerError(f"{func}: {name} must name at least one {what}; got {value!r}")
+    return [check_index(item, size, func, name) for item in items]
+
+
+def positive_int(value: Integer, func: str, name: str) -> int:
+    """Return ``value`` as an int if it is an int >= 1 (a count: columns, layers)."""
+    if not is_int(value) or value < 1:
+        raise VisualizerError(f"{func}: {name} must be a positive int; got {value!r}")
+    return int(value)
+
+
+def check_bool(value: bool, func: str, name: str) -> bool:
+    """Return ``value`` if it is True or False: a string "no" would otherwise count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise VisualizerError(f"{func}: {name} must be True or False; got {value!r}")
+    return bool(value)
+
+
+def check_number(
+    value: SupportsFloat,
+    func: str,
+    name: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a finite real number within the bounds."""
+    number = float(value) if is_real(value) else math.nan
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (above and below and math.isfinite(number)):
+        if math.isinf(low) and math.isinf(high):
+            expected = "a finite number"
+        elif low == 0 and low_open and math.isinf(high):
+            expected = "positive"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}" + (
+                ")" if high_open else "]"
+            )
+        raise VisualizerError(f"{func}: {name} must be {expected}; got {value!r}")
+    return number
+
+
+def is_real(value: object) -> bool:
+    """True for an int or float (numpy's too), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def check_choice(value: str, options: Sequence[str], func: str, name: str) -> str:
+    """Return ``value`` if it is one of the strings ``options``."""
+    if not isinstance(value, str) or value not in options:
+        expected = (
+            " or ".join(repr(option) for option in options)
+            if len(options) == 2
+            else f"one of {tuple(options)}"
+        )
+        raise VisualizerError(f"{func}: {name} must be {expected}; got {value!r}")
+    return value
+
+
+def check_path(path: object, func: str, name: str = "path") -> None:
+    """Refuse what ``open`` would not take as a file name (None, a number) before opening."""
+    if not isinstance(path, (str, bytes, os.PathLike)) or not os.fspath(path):
+        raise VisualizerError(
+            f"{func}: {name} must be a file path (a non-empty str or os.PathLike); got "
+            f"{type(path).__name__} {path!r}"
+        )
+
+
+def grid_maps(x: ArrayOrTensor, func: str, name: str) -> FloatArray:
+    """Coerce maps on a grid ``(..., h, w)``: at least 2-D, not empty, finite."""
+    array = to_numpy(x, func, name)
+    if array.ndim < 2 or array.size == 0:
+        raise VisualizerError(
+            f"{func}: {name} must have shape (..., h, w) with h, w >= 1; got "
+            f"{'an empty array of ' if array.size == 0 else ''}shape {array.shape}"
+        )
+    check_finite(array, func, name)
+    return array
+
+
+def check_finite(array: np.ndarray, func: str, name: str) -> None:
+    """Refuse NaN and infinite values, which every comparison and sort would misread."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise VisualizerError(
+            f"{func}: {name} holds {int(array.size - finite.sum())} NaN or infinite values of "
+            f"{array.size}; expected finite numbers"
+        )
 
 
 def _positive_pair(
-    value: Any, func: str, name: str, kinds: Tuple[type, ...], form: str
+    value: Any, func: str, name: str, is_kind: Callable[[Any], bool], form: str
 ) -> Tuple[Any, Any]:
-    """``value`` as two positive numbers of ``kinds`` (one number means both), checked."""
-    if isinstance(value, kinds):
-        value = (value, value)
+    """``value`` as two positive, finite numbers that pass ``is_kind`` (one number means both)."""
+    items: Any = (value, value) if is_kind(value) else value
     try:
-        first, second = value
-        if not all(isinstance(side, kinds) and not isinstance(side, bool) for side in value):
+        first, second = items
+        if not (is_kind(first) and is_kind(second)):
             raise TypeError
     except (TypeError, ValueError):
         raise VisualizerError(f"{func}: {name} must be {form}; got {value!r}") from None
-    if not (first > 0 and second > 0):
-        raise VisualizerError(f"{func}: {name} must be positive; got {value!r}")
+    if not all(0 < float(side) < math.inf for side in (first, second)):
+        finite = "" if is_kind is is_int else " and finite"
+        raise VisualizerError(f"{func}: {name} must be positive{finite}; got {value!r}")
     return first, second
 
 
@@ -289,14 +410,14 @@ def pair(
 ) -> Tuple[float, float]:
     """Return ``(a, b)`` from a positive number or a pair of positive numbers."""
     first, second = _positive_pair(
-        value, func, name, _NUMBERS, "a positive number or a pair of them"
+        value, func, name, is_real, "a positive number or a pair of them"
     )
     return float(first), float(second)
 
 
 def grid_pair(value: Union[Integer, Sequence[SupportsInt]], func: str) -> Tuple[int, int]:
     """``grid_size`` as ``(h, w)`` ints; an int means a square grid."""
-    height, width = _positive_pair(value, func, "grid_size", _INTS, "(h, w), an int or None")
+    height, width = _positive_pair(value, func, "grid_size", is_int, "(h, w), an int or None")
     return int(height), int(width)
 
 
@@ -313,3 +434,59 @@ def cross_attention_array(cross_attn: ArrayOrTensor, func: str) -> FloatArray:
         f"{func}: cross_attn must have shape (B, H, Q, h*w) or (B, Q, h*w) (head-averaged); got "
         f"shape {array.shape}"
     )
+
+
+def image_pixels(
+    image: ArrayOrTensor,
+    batch_index: Integer,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    func: str,
+    batch_name: str = "batch_index",
+) -> FloatArray:
+    """The image a model saw as float ``(height, width, 3)`` in ``[0, 1]``.
+
+    Accepts ``(H, W)``, ``(H, W, C)``, ``(C, H, W)`` and batches of them
+    (``batch_index`` picks the item). Tensors follow torch's ``(C, H, W)``;
+    arrays follow ``(H, W, C)`` unless only the first axis looks like channels.
+    Integer images are read as 0-255. ``mean``/``std`` (one value per channel,
+    or one for all) undo a ``Normalize`` transform. Float values still outside
+    ``[0, 1]`` are stretched to it, so a normalized tensor passed without
+    ``mean``/``std`` is at least recognisable.
+    """
+    integer = is_integer_data(image)
+    array = to_numpy(image, func, "image")
+    if array.ndim == 4:
+        array = array[check_index(batch_index, array.shape[0], func, f"{batch_name} (of image)")]
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3 and array.shape[0] in (1, 3) and (
+        is_torch_tensor(image) or array.shape[-1] not in (1, 3, 4)
+    ):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or array.size == 0:
+        raise VisualizerError(
+            f"{func}: image must have shape (H, W, 3), (3, H, W), (B, 3, H, W) or (H, W), with 1, "
+            f"3 or 4 channels and at least one pixel; got shape {tuple(np.shape(image))}"
+        )
+    check_finite(array, func, "image")
+    array = array[..., :3].astype(np.float64)
+    # A grey image may be undone with an RGB model's three values: it becomes RGB.
+    counts = (1, 3) if array.shape[-1] == 1 else (1, array.shape[-1])
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in counts:
+            raise VisualizerError(
+                f"{func}: {name} has {len(values)} values, one per channel, but the image has "
+                f"{array.shape[-1]} channels (shape {array.shape}); expected "
+                f"{' or '.join(map(str, counts))} values"
+            )
+    if integer:
+        array = array / 255.0
+    if mean is not None or std is not None:
+        array = array * np.asarray(1.0 if std is None else std) + np.asarray(
+            0.0 if mean is None else mean
+        )
+    low, high = array.min(), array.max()
+    if low < 0 or high > 1:
+        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array

@@ -35,13 +35,18 @@ import numpy as np
 from ._arrays import (
     ArrayOrTensor,
     attention_array,
+    check_bool,
+    check_choice,
+    check_number,
     check_prefix,
     cross_attention_array,
+    grid_maps,
     grid_shape,
     is_torch_tensor,
     layer_arrays,
     layer_list,
     pair,
+    positive_int,
     to_numpy,
 )
 from ._errors import VisualizerError
@@ -62,10 +67,7 @@ def _check_one_forward(count: int, num_layers: Optional[int], func: str, name: s
     """With ``num_layers``, refuse a stack that is not exactly one forward of the model."""
     if num_layers is None:
         return
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or (
-        num_layers < 1
-    ):
-        raise VisualizerError(f"{func}: num_layers must be a positive int; got {num_layers!r}")
+    positive_int(num_layers, func, "num_layers")
     if count == num_layers:
         return
     # A capture cache holds one map per call of the attention code, not one per
@@ -138,21 +140,25 @@ def cls_attention(
             f"{func}: attn must have shape (B, H, N, N) or (B, H, 1, N) (CLS row only); got shape "
             f"{array.shape}"
         )
-    result = _cls_row_on_grid(array, layout.grid_size, layout.num_prefix_tokens, func)
+    result = _cls_row_on_grid(array, layout.grid_size, layout.num_prefix_tokens, func, "attn")
     return result if batched else result[0]
 
 
 def _cls_row_on_grid(
-    array: np.ndarray, grid_size: Optional[tuple[int, int]], num_prefix_tokens: int, func: str
+    array: np.ndarray,
+    grid_size: Optional[tuple[int, int]],
+    num_prefix_tokens: int,
+    func: str,
+    name: str,
 ) -> np.ndarray:
     """Row 0 of maps ``(B, H, Q, N)`` without prefix columns, as ``(B, H, h, w)``."""
     batch, heads, _, tokens = array.shape
-    if check_prefix(num_prefix_tokens, tokens, func) < 1:
+    if check_prefix(num_prefix_tokens, tokens, func, name) < 1:
         raise VisualizerError(
             f"{func}: num_prefix_tokens must be >= 1 (the map needs a CLS token); got "
             f"{num_prefix_tokens!r}"
         )
-    height, width = grid_shape(tokens, num_prefix_tokens, grid_size, func)
+    height, width = grid_shape(tokens, num_prefix_tokens, grid_size, func, name)
     # CLS is token 0 because ViT, DeiT, DINO and timm prepend it to the patch
     # sequence (registers come after it), so its query row is row 0.
     return array[:, :, 0, num_prefix_tokens:].reshape(batch, heads, height, width)
@@ -182,6 +188,7 @@ def _per_layer_statistic(
     square: bool = True,
 ) -> np.ndarray:
     """Apply ``statistic`` (map ``(B, H, Q, N)`` -> ``(B, H)``) to each layer and stack."""
+    check_bool(average_batch, func, "average_batch")
     layers, stacked = _layer_stack(maps, func, num_layers)
     per_layer = [
         (statistic(array), batched) for array, batched in layer_arrays(layers, func, square=square)
@@ -252,7 +259,9 @@ def mean_attention_distance(
     patch_height, patch_width = layout.patch_size or (16, 16)
 
     def statistic(array: np.ndarray) -> np.ndarray:
-        height, width = grid_shape(array.shape[-1], num_prefix_tokens, layout.grid_size, func)
+        height, width = grid_shape(
+            array.shape[-1], num_prefix_tokens, layout.grid_size, func, "maps"
+        )
         distances = _patch_distances(height, width, patch_height, patch_width, array.dtype.str)
         patches = array[..., num_prefix_tokens:, num_prefix_tokens:]
         # One einsum instead of the reference's Python double loop over
@@ -353,9 +362,9 @@ def _discard_lowest(fused: np.ndarray, discard_ratio: float) -> np.ndarray:
     return flat.reshape(fused.shape)
 
 
-def _check_rollout_options(func: str, discard_ratio: float) -> None:
-    if not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
-        raise VisualizerError(f"{func}: discard_ratio must be in [0, 1); got {discard_ratio!r}")
+def _check_rollout_options(func: str, discard_ratio: float, add_identity: bool) -> None:
+    check_number(discard_ratio, func, "discard_ratio", 0, 1, high_open=True)
+    check_bool(add_identity, func, "add_identity")
 
 
 def attention_rollout(
@@ -398,11 +407,8 @@ def attention_rollout(
         True
     """
     func = "attention_rollout"
-    if head_fusion not in HEAD_FUSIONS:
-        raise VisualizerError(
-            f"{func}: head_fusion must be one of {HEAD_FUSIONS}; got {head_fusion!r}"
-        )
-    _check_rollout_options(func, discard_ratio)
+    check_choice(head_fusion, HEAD_FUSIONS, func, "head_fusion")
+    _check_rollout_options(func, discard_ratio, add_identity)
     fuse = getattr(np, head_fusion)
     layers, _ = _layer_stack(maps, func, num_layers)
     arrays = list(layer_arrays(layers, func))
@@ -487,7 +493,7 @@ def gradient_rollout(
             f"{func}: pass exactly one of grads and score; got "
             f"{'both' if grads is not None else 'neither'}"
         )
-    _check_rollout_options(func, discard_ratio)
+    _check_rollout_options(func, discard_ratio, add_identity)
     # Checked before differentiating: the gradients of a wrong stack are wasted work.
     map_layers, _ = _layer_stack(maps, func, num_layers)
     if grads is None:
@@ -543,14 +549,19 @@ def rollout_cls_attention(
         geometry, caller=func, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens
     )
     array = to_numpy(rollout, func, "rollout")
-    if array.ndim not in (2, 3) or array.shape[-1] != array.shape[-2]:
+    if array.ndim not in (2, 3) or array.shape[-1] != array.shape[-2] or array.size == 0:
         raise VisualizerError(
-            f"{func}: rollout must have shape (B, N, N) or (N, N); got shape {array.shape}"
+            f"{func}: rollout must have shape (B, N, N) or (N, N) with N >= 1; got shape "
+            f"{array.shape}"
         )
     batched = array.ndim == 3
     # A rollout is a one-head map: (B, N, N) -> (B, H=1, N, N).
     result = _cls_row_on_grid(
-        array.reshape(-1, 1, *array.shape[-2:]), layout.grid_size, layout.num_prefix_tokens, func
+        array.reshape(-1, 1, *array.shape[-2:]),
+        layout.grid_size,
+        layout.num_prefix_tokens,
+        func,
+        "rollout",
     )[:, 0]
     return result if batched else result[0]
 
@@ -573,14 +584,9 @@ def threshold_mask(attention: ArrayOrTensor, fraction: float = 0.6) -> np.ndarra
                [ True, False]])
     """
     func = "threshold_mask"
-    array = to_numpy(attention, func, "attention").astype(np.float64)
-    if array.ndim < 2:
-        raise VisualizerError(
-            f"{func}: attention must have shape (..., h, w); got shape {array.shape}"
-        )
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise VisualizerError(f"{func}: fraction must be in (0, 1]; got {fraction!r}")
-    if array.size and array.min() < 0:
+    array = grid_maps(attention, func, "attention").astype(np.float64)
+    check_number(fraction, func, "fraction", 0, 1, low_open=True)
+    if array.min() < 0:
         raise VisualizerError(f"{func}: attention must be non-negative; got minimum {array.min()}")
     flat = array.reshape(*array.shape[:-2], -1)
     # Taking patches strongest first reaches the mass with the fewest patches:
@@ -645,6 +651,7 @@ def find_artifact_tokens(
     ).num_prefix_tokens
     array, batched = attention_array(attn, func, square=False)
     check_prefix(num_prefix_tokens, array.shape[-1], func)
+    check_number(z_threshold, func, "z_threshold")
     received = array.mean(axis=2)[..., num_prefix_tokens:].astype(np.float64)  # (B, H, patches)
     median = np.median(received, axis=-1, keepdims=True)
     deviation = np.median(np.abs(received - median), axis=-1, keepdims=True)
@@ -691,27 +698,36 @@ def upsample_to_image(
                [0., 0., 1., 1.]])
     """
     func = "upsample_to_image"
-    array = to_numpy(attention, func, "attention")
-    if array.ndim < 2:
-        raise VisualizerError(
-            f"{func}: attention must have shape (..., h, w); got shape {array.shape}"
-        )
+    array = grid_maps(attention, func, "attention")
+    check_choice(mode, ("nearest", "bilinear"), func, "mode")
     out_height, out_width = (int(side) for side in pair(image_size, func, "image_size"))
+    if out_height < 1 or out_width < 1:
+        raise VisualizerError(
+            f"{func}: image_size must be at least one pixel each way; got {image_size!r}"
+        )
+    in_height, in_width = array.shape[-2:]
+    try:
+        return _resize(array, out_height, out_width, mode)
+    except (MemoryError, ValueError):  # numpy: an array too large to allocate
+        raise VisualizerError(
+            f"{func}: image_size={image_size!r} makes maps of {array.shape[:-2]} x "
+            f"{out_height} x {out_width} values, more than memory holds; expected the image's size"
+        ) from None
+
+
+def _resize(array: np.ndarray, out_height: int, out_width: int, mode: str) -> np.ndarray:
     in_height, in_width = array.shape[-2:]
     if mode == "nearest":
         # Integer arithmetic: output pixel i lies in input cell floor(i * in / out).
         rows = np.arange(out_height) * in_height // out_height
         cols = np.arange(out_width) * in_width // out_width
         return array[..., rows[:, None], cols[None, :]]
-    if mode == "bilinear":
-        top, bottom, row_weight = _source_weights(in_height, out_height)
-        left, right, col_weight = _source_weights(in_width, out_width)
-        rows = (
-            array[..., top, :] * (1 - row_weight)[:, None]
-            + array[..., bottom, :] * row_weight[:, None]
-        )
-        return rows[..., left] * (1 - col_weight) + rows[..., right] * col_weight
-    raise VisualizerError(f"{func}: mode must be 'nearest' or 'bilinear'; got {mode!r}")
+    top, bottom, row_weight = _source_weights(in_height, out_height)
+    left, right, col_weight = _source_weights(in_width, out_width)
+    rows = (
+        array[..., top, :] * (1 - row_weight)[:, None] + array[..., bottom, :] * row_weight[:, None]
+    )
+    return rows[..., left] * (1 - col_weight) + rows[..., right] * col_weight
 
 
 def box_cxcywh_to_xyxy(
@@ -793,7 +809,7 @@ def attention_mass_in_boxes(
             )
     array = cross_attention_array(cross_attn, func).mean(axis=1)  # (B, Q, S)
     batch, queries, cells = array.shape
-    height, width = grid_shape(cells, 0, layout.grid_size, func)
+    height, width = grid_shape(cells, 0, layout.grid_size, func, "cross_attn")
     box_array = to_numpy(boxes, func, "boxes").astype(np.float64)
     if box_array.shape not in ((queries, 4), (batch, queries, 4)):
         raise VisualizerError(

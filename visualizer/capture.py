@@ -45,7 +45,7 @@ from ._ranks import Ranks, captures_here, validate_ranks
 from ._rewrite import FastPath, instrument, local_names
 from ._warnings import WarnOnce
 from .policy import MISSING, NOT_CAPTURED, StoragePolicy
-from .snapshot import IMMUTABLE_TYPES, snapshot
+from .snapshot import IMMUTABLE_TYPES, own_storage, snapshot
 from .store import Cache, CaptureCache, CaptureStore, FastSink, Scope
 
 Decorated = TypeVar("Decorated")
@@ -71,7 +71,9 @@ _checked_process: list = [None]
 class _Registration:
     """One decorated function: where its code lives and what to capture."""
 
-    __slots__ = ("target", "key", "names", "select", "original_code", "installed_code")
+    __slots__ = (
+        "target", "key", "names", "select", "original_code", "installed_code", "marked_for_dynamo"
+    )
 
     def __init__(
         self,
@@ -86,6 +88,9 @@ class _Registration:
         self.select = select
         self.original_code = target.__code__
         self.installed_code: Optional[types.CodeType] = None  # while it is installed
+        # Whether activation put Dynamo's skip marker on the function (a marker
+        # the user put there is theirs, and stays).
+        self.marked_for_dynamo = False
 
     def current_code(self) -> types.CodeType:
         """The code the function runs uninstrumented: its code now, if replaced since.
@@ -221,7 +226,10 @@ class GetLocal:
                 registration.original_code = registration.current_code()
                 registration.target.__code__ = registration.original_code
                 registration.installed_code = None
-                registration.target.__dict__.pop(_torch_internals.DYNAMO_DISABLE_ATTRIBUTE, None)
+                if registration.marked_for_dynamo:
+                    marker = _torch_internals.DYNAMO_DISABLE_ATTRIBUTE
+                    registration.target.__dict__.pop(marker, None)
+                    registration.marked_for_dynamo = False
             if was_active:
                 self._store.pool.let_go()  # no copies follow
         if was_active:
@@ -398,7 +406,8 @@ class GetLocal:
                 self._instrumented.popitem(last=False)
         registration.target.__code__ = code
         registration.installed_code = code
-        _run_eagerly_under_compile(registration.target, code)
+        if _run_eagerly_under_compile(registration.target, code):
+            registration.marked_for_dynamo = True
 
     def _make_recorder(self, registration):
         store = self._store
@@ -423,7 +432,7 @@ class GetLocal:
                 return _NOT_RECORDED
             chooser = select.get(name)
             if chooser is not None:
-                value = _apply_select(chooser, value, key, name)
+                value = own_storage(_apply_select(chooser, value, key, name), store.policy)
             if type(value) not in IMMUTABLE_TYPES:
                 if "torch" in sys.modules:
                     if not store.sinks_know_torch:
@@ -595,10 +604,11 @@ def _run_eagerly_under_compile(function, code):
     (when inlining it) or skips its frame (when called directly), so capture
     sees real tensors and records exactly what eager mode records, while the
     rest of the model still compiles. Done only when torch is already loaded:
-    the core must not import torch.
+    the core must not import torch. Returns whether it put the skip marker on
+    ``function`` (False if the function already had one of its own).
     """
     if "torch" not in sys.modules:
-        return
+        return False
     _torch_internals.skip_in_dynamo(code)
     # The recorders' own frames (record, keep, ...: the nested functions of
     # _make_recorder, one code object each for all recorders) are not worth
@@ -607,8 +617,11 @@ def _run_eagerly_under_compile(function, code):
         if isinstance(constant, types.CodeType):
             _torch_internals.skip_in_dynamo(constant)
     # The attribute Dynamo's inliner checks for torch.compiler.disable'd
-    # functions; removed again by deactivate().
+    # functions; removed again by deactivate() unless it was there before.
+    if _torch_internals.DYNAMO_DISABLE_ATTRIBUTE in function.__dict__:
+        return False
     setattr(function, _torch_internals.DYNAMO_DISABLE_ATTRIBUTE, True)
+    return True
 
 
 def _distributed_initialized():

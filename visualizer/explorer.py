@@ -43,10 +43,14 @@ import numpy as np
 
 from ._arrays import (
     ArrayOrTensor,
+    check_bool,
     check_index,
     check_probabilities,
-    is_integer_data,
+    image_pixels,
+    index_list,
     is_torch_tensor,
+    positive_int,
+    sequence_of,
     to_numpy,
 )
 from ._errors import VisualizerError
@@ -149,8 +153,8 @@ def explore(
         (['layer 0'], ['tokens'])
     """
     func = _WHO
-    if not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise VisualizerError(f"{func}: max_bytes must be a positive int; got {max_bytes!r}")
+    positive_int(max_bytes, func, "max_bytes")
+    check_bool(rollout, func, "rollout")
     named = _choose_layers(_named_layers(maps, batch, func), layers, func)
     token_labels = _labels(tokens, func, "tokens")
     query_labels = _labels(query_tokens, func, "query_tokens")
@@ -337,20 +341,24 @@ def _item(entry: Any, batch: int, func: str, name: str) -> np.ndarray:
     """Item ``batch`` of one map ``(B, H, Q, K)`` (or ``(H, Q, K)``) as float ``(H, Q, K)``."""
     shape = tuple(entry.shape) if hasattr(entry, "shape") else np.shape(entry)
     if len(shape) == 4:
-        entry = entry[check_index(batch, shape[0], func, "batch")]
+        where = f"batch (of the map {name!r} of maps)"
+        entry = entry[check_index(batch, shape[0], func, where)]
     elif len(shape) != 3:
         raise VisualizerError(
-            f"{func}: the map {name!r} must have shape (B, H, Q, K) or (H, Q, K); got shape {shape}"
+            f"{func}: the map {name!r} of maps must have shape (B, H, Q, K) or (H, Q, K); got "
+            f"shape {shape}"
         )
-    array = to_numpy(entry, func, f"map {name!r}")
-    check_probabilities(array, func, f"map {name!r}")
+    array = to_numpy(entry, func, f"the map {name!r} of maps")
+    check_probabilities(array, func, f"the map {name!r} of maps")
     return array
 
 
 def _choose_layers(named: List[_Layer], layers: Optional[LayerChoice], func: str) -> List[_Layer]:
     if layers is None:
         return named
-    choices = [layers] if isinstance(layers, (str, int)) else list(layers)
+    choices = sequence_of(
+        layers, (str, int, np.integer), func, "layers", "globs over layer names or indices"
+    )
     chosen: List[int] = []
     for choice in choices:
         if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
@@ -371,6 +379,8 @@ def _choose_layers(named: List[_Layer], layers: Optional[LayerChoice], func: str
                 f"{[layer.name for layer in named][:8]}"
             )
         chosen += [index for index in matches if index not in chosen]
+    if not chosen:
+        raise VisualizerError(f"{func}: layers must choose at least one layer; got {layers!r}")
     return [named[index] for index in sorted(chosen)]
 
 
@@ -424,7 +434,7 @@ def _classify(
             layer.kind = "image"  # a rows= capture: the first rows, CLS first
         else:
             raise VisualizerError(
-                f"{func}: the map {layer.name!r} has more query rows than keys: shape "
+                f"{func}: the map {layer.name!r} of maps has more query rows than keys: shape "
                 f"{layer.array.shape}; expected (H, Q, {keys}) with Q <= {keys}"
             )
         return
@@ -437,7 +447,7 @@ def _classify(
     if not key_names:
         lengths = ", ".join(f"{name} has {len(values)}" for name, values in given)
         raise VisualizerError(
-            f"{func}: the labels must have one entry per key: the map {layer.name!r} has "
+            f"{func}: the labels must have one entry per key: the map {layer.name!r} of maps has "
             f"{keys} keys (shape {layer.array.shape}) but {lengths}"
         )
     layer.key_labels = key_names[0]
@@ -450,18 +460,16 @@ def _classify(
         layer.query_labels = layer.key_labels  # the first rows of a rows= capture
     else:
         raise VisualizerError(
-            f"{func}: the map {layer.name!r} has {queries} queries (shape {layer.array.shape}) "
-            f"but no label list has {queries} entries; pass query_tokens= with one per query"
+            f"{func}: the map {layer.name!r} of maps has {queries} queries (shape "
+            f"{layer.array.shape}) but no label list has {queries} entries; pass query_tokens= "
+            "with one per query"
         )
 
 
 def _indices(choice: Optional[IndexChoice], size: int, func: str, name: str) -> Optional[List[int]]:
     if choice is None:
         return None
-    values = [choice] if isinstance(choice, (int, np.integer)) else list(choice)
-    if not values:
-        raise VisualizerError(f"{func}: {name} must name at least one index; got {choice!r}")
-    return sorted({check_index(value, size, func, name) for value in values})
+    return sorted(set(index_list(choice, size, func, name)))
 
 
 def _select(
@@ -491,21 +499,7 @@ def _image_pixels(
     integer images as 0-255, ``layout.mean``/``std`` undone, float values
     outside ``[0, 1]`` stretched to it.
     """
-    integer = is_integer_data(image)
-    array = to_numpy(image, func, "image")
-    if array.ndim == 4:
-        array = array[check_index(batch, array.shape[0], func, "batch")]
-    if array.ndim == 3 and array.shape[0] in (1, 3) and (
-        is_torch_tensor(image) or array.shape[-1] not in (1, 3, 4)
-    ):
-        array = np.moveaxis(array, 0, -1)
-    elif array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise VisualizerError(
-            f"{func}: image must have shape (H, W, 3), (3, H, W), (B, 3, H, W) or (H, W); got "
-            f"shape {tuple(np.shape(image))}"
-        )
+    array = image_pixels(image, batch, layout.mean, layout.std, func, "batch")
     height, width = array.shape[:2]
     expected = layout.image_size
     if expected is not None and (height, width) != tuple(int(side) for side in expected):
@@ -522,16 +516,6 @@ def _image_pixels(
                 f"{width} pixels, patches of {height / grid[0]:.1f}x{width / grid[1]:.1f}: pass "
                 "the image the model saw, after resize and crop"
             )
-    array = array[..., :3].astype(np.float64)
-    if integer:
-        array = array / 255.0
-    if layout.mean is not None or layout.std is not None:
-        array = array * np.asarray(layout.std or 1.0) + np.asarray(layout.mean or 0.0)
-    low, high = array.min(), array.max()
-    if low < 0 or high > 1:
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
     return np.ascontiguousarray(np.rint(array * 255).astype(np.uint8))
 
 
@@ -542,7 +526,7 @@ def _boxes(
         return None
     array = to_numpy(boxes, func, "boxes").astype(np.float64)
     if array.ndim == 3:
-        array = array[check_index(batch, array.shape[0], func, "batch")]
+        array = array[check_index(batch, array.shape[0], func, f"batch (of boxes {array.shape})")]
     queries = {layer.array.shape[1] for layer in layers if layer.kind == "cross"}
     if array.ndim != 2 or array.shape[1] != 4 or (queries and array.shape[0] not in queries):
         raise VisualizerError(

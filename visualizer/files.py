@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Union
 
 import numpy as np
 
-from ._arrays import is_torch_tensor
+from ._arrays import check_path, is_torch_tensor
 from ._errors import VisualizerError
 from .policy import MISSING, NOT_CAPTURED, StoragePolicy
 from .snapshot import snapshot_tensor
@@ -34,6 +34,12 @@ def save_cache(cache: Mapping[str, Any], path: "PathLike") -> None:
         cache: `get_local.cache` or a dict of the same form.
         path: file to write (written as given; no suffix is added).
     """
+    check_path(path, "save_cache")
+    if not isinstance(cache, Mapping):
+        raise VisualizerError(
+            "save_cache: cache must be a dict of key -> list of entries (get_local.cache, "
+            f"AttentionMaps); got {type(cache).__qualname__}"
+        )
     arrays: Dict[str, np.ndarray] = {}
 
     def encode(value, where):
@@ -79,6 +85,13 @@ def save_cache(cache: Mapping[str, Any], path: "PathLike") -> None:
         for index, entry in enumerate(entries):
             where = f"cache[{key!r}][{index}]"
             if isinstance(entry, dict):
+                # JSON object keys are strings: a name 1 would load back as "1".
+                for name in entry:
+                    if not isinstance(name, str):
+                        raise VisualizerError(
+                            f"save_cache: {where}[{name!r}]: entry names must be strings "
+                            f"(variable names); got {type(name).__qualname__}"
+                        )
                 encoded.append(
                     {"names": {n: encode(v, f"{where}[{n!r}]") for n, v in entry.items()}}
                 )
@@ -96,6 +109,7 @@ def load_cache(path: "PathLike") -> Dict[str, List[Any]]:
     Anything else (another .npz or .npy, a truncated or corrupt file) raises
     VisualizerError naming the file and what was expected.
     """
+    check_path(path, "load_cache")
     expected = "expected a file written by save_cache (an .npz with a JSON manifest)"
     # The file is opened here, not by np.load, so that it is closed on every way out:
     # np.load(path) leaves its handle open when the zip directory is unreadable.

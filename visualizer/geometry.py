@@ -41,15 +41,30 @@ def _patch_pair(value: Any, func: str) -> Optional[tuple[float, float]]:
     )
 
 
+def _grid_of_image(size: Any, patch: tuple[float, float], func: str) -> tuple[int, int]:
+    """The patch grid ``(h, w)`` of an image of ``size`` pixels: at least one patch each way."""
+    height, width = pair(size, func, "image_size")
+    if height < patch[0] or width < patch[1]:
+        raise VisualizerError(
+            f"{func}: image_size {size!r} is smaller than one patch of patch_size {patch}; "
+            "expected the size the model is run at"
+        )
+    return int(height // patch[0]), int(width // patch[1])
+
+
 def _channels(value: Any, func: str, name: str) -> Optional[tuple[float, ...]]:
     """A per-channel ``mean``/``std`` as a tuple of floats, or None."""
     if value is None:
         return None
     values = to_numpy(value, func, name).astype(np.float64).ravel()
-    if values.size == 0 or (name == "std" and not (values > 0).all()):
+    if (
+        values.size == 0
+        or not np.isfinite(values).all()
+        or (name == "std" and not (values > 0).all())
+    ):
         raise VisualizerError(
             f"{func}: {name} must hold one {'positive ' if name == 'std' else ''}number per "
-            f"channel; got {value!r}"
+            f"channel, all finite; got {value!r}"
         )
     return tuple(float(item) for item in values)
 
@@ -237,8 +252,7 @@ class ImageGeometry:
                 "missing. Build ImageGeometry(grid_size=..., num_prefix_tokens=..., "
                 "patch_size=...) yourself"
             )
-        height, width = pair(size, func, "image_size")
-        grid = (int(height // patch[0]), int(width // patch[1]))
+        grid = _grid_of_image(size, patch, func)
         if num_prefix_tokens is None:
             if model_type not in _HF_PREFIX_TOKENS:
                 raise VisualizerError(
@@ -316,8 +330,7 @@ class ImageGeometry:
         else:
             grid, size = None, image_size  # run at another size: the grid follows it
         if grid is None and patch is not None and size is not None:
-            height, width = pair(size, func, "image_size")
-            grid = (int(height // patch[0]), int(width // patch[1]))
+            grid = _grid_of_image(size, patch, func)
         name = type(model).__name__
         if grid is None:
             raise VisualizerError(

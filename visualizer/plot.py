@@ -49,7 +49,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
-from matplotlib.colors import ListedColormap, to_rgba
+from matplotlib.colors import Colormap, ListedColormap, to_rgba
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
@@ -58,11 +58,16 @@ from matplotlib.patches import Rectangle
 from ._arrays import (
     ArrayOrTensor,
     attention_array,
+    check_bool,
+    check_choice,
     check_index,
+    check_number,
     cross_attention_array,
     grid_shape,
-    is_integer_data,
-    is_torch_tensor,
+    image_pixels,
+    index_list,
+    positive_int,
+    sequence_of,
     to_numpy,
 )
 from ._errors import VisualizerError
@@ -93,8 +98,37 @@ def _root(figure: FigureLike) -> Figure:
     return figure if isinstance(figure, Figure) else figure.figure
 
 
-def _single_axes(ax: Optional[Axes], figsize: Tuple[float, float]) -> Tuple[FigureLike, Axes]:
+def _check_colormap(cmap: Union[str, Colormap], func: str) -> None:
+    if not (isinstance(cmap, Colormap) or (isinstance(cmap, str) and cmap in matplotlib.colormaps)):
+        raise VisualizerError(
+            f"{func}: cmap must be a matplotlib colormap or its name (e.g. {MATRIX_COLORMAP!r}); "
+            f"got {cmap!r}"
+        )
+
+
+def _check_overlay(mode: str, alpha: float, cmap: Union[str, Colormap], func: str) -> None:
+    """Refuse bad drawing options of a map over an image before anything is drawn."""
+    check_choice(mode, ("nearest", "bilinear"), func, "mode")
+    check_number(alpha, func, "alpha", 0, 1)
+    _check_colormap(cmap, func)
+
+
+def _check_figure(fig: Optional[FigureLike], func: str) -> None:
+    if fig is not None and not isinstance(fig, (Figure, SubFigure)):
+        raise VisualizerError(
+            f"{func}: fig must be a matplotlib Figure or SubFigure, or None; got "
+            f"{type(fig).__name__}"
+        )
+
+
+def _single_axes(
+    ax: Optional[Axes], figsize: Tuple[float, float], func: str
+) -> Tuple[FigureLike, Axes]:
     """The figure and axes to draw one panel in: the caller's, or new ones."""
+    if ax is not None and not isinstance(ax, Axes):
+        raise VisualizerError(
+            f"{func}: ax must be a matplotlib Axes or None; got {type(ax).__name__}"
+        )
     if ax is None:
         figure = Figure(figsize=figsize, layout="constrained")
         return figure, figure.add_subplot()
@@ -102,10 +136,11 @@ def _single_axes(ax: Optional[Axes], figsize: Tuple[float, float]) -> Tuple[Figu
 
 
 def _panel_grid(
-    fig: Optional[FigureLike], count: int, ncols: int, panel_size: float = 3.0
+    fig: Optional[FigureLike], count: int, ncols: int, func: str, panel_size: float = 3.0
 ) -> Tuple[FigureLike, List[Axes]]:
     """``count`` axes in rows of ``ncols`` on ``fig`` (new if None); unused slots removed."""
-    ncols = max(1, min(ncols, count))
+    _check_figure(fig, func)
+    ncols = min(positive_int(ncols, func, "ncols"), count)
     nrows = math.ceil(count / ncols)
     if fig is None:
         fig = Figure(figsize=(panel_size * ncols, panel_size * nrows + 0.6), layout="constrained")
@@ -135,49 +170,8 @@ def _display_image(
     std: Optional[Tuple[float, ...]],
     func: str,
 ) -> Optional[np.ndarray]:
-    """The image the model saw as float ``(height, width, 3)`` in ``[0, 1]``, or None.
-
-    Accepts ``(H, W)``, ``(H, W, C)``, ``(C, H, W)`` and batches of them
-    (``batch_index`` picks the item). Integer images are read as 0-255.
-    ``mean``/``std`` undo a ``Normalize`` transform. Float values still outside
-    ``[0, 1]`` are stretched to it, so a normalized tensor passed without
-    ``mean``/``std`` is at least recognisable.
-    """
-    if image is None:
-        return None
-    integer = is_integer_data(image)
-    array = to_numpy(image, func, "image")
-    if array.ndim == 4:
-        array = array[check_index(batch_index, array.shape[0], func, "batch_index")]
-    if array.ndim == 2:
-        array = array[..., None]
-    elif array.ndim == 3:
-        # Tensors follow torch's (C, H, W); arrays follow (H, W, C) unless only
-        # the first axis looks like channels.
-        if array.shape[0] in (1, 3) and (
-            is_torch_tensor(image) or array.shape[-1] not in (1, 3, 4)
-        ):
-            array = np.moveaxis(array, 0, -1)
-    else:
-        raise VisualizerError(
-            f"{func}: image must have shape (H, W, 3), (3, H, W), (B, 3, H, W) or (H, W); got "
-            f"shape {array.shape}"
-        )
-    if array.shape[-1] not in (1, 3, 4):
-        raise VisualizerError(
-            f"{func}: image must have 1, 3 or 4 channels; got shape {array.shape}"
-        )
-    array = array[..., :3].astype(np.float64)
-    if integer:
-        array = array / 255.0
-    if mean is not None or std is not None:
-        array = array * np.asarray(1.0 if std is None else std) + np.asarray(
-            0.0 if mean is None else mean
-        )
-    low, high = array.min(), array.max()
-    if low < 0 or high > 1:
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+    """The image the model saw as float ``(height, width, 3)`` in ``[0, 1]``, or None."""
+    return None if image is None else image_pixels(image, batch_index, mean, std, func)
 
 
 def _warn_if_unregistered(
@@ -288,9 +282,10 @@ def head(
         'layer 3, head 1'
     """
     func = "plot.head"
+    _check_colormap(cmap, func)
     item, batch_size = _map_item(attn, batch_index, func, square=False)
     index = check_index(head, item.shape[0], func, "head")
-    fig, ax = _single_axes(ax, (5.5, 4.5))
+    fig, ax = _single_axes(ax, (5.5, 4.5), func)
     shown = ax.imshow(item[index], cmap=cmap, interpolation="nearest")
     fig.colorbar(shown, ax=ax)
     ax.set_xlabel("key token")
@@ -328,9 +323,10 @@ def heads(
         4
     """
     func = "plot.heads"
+    _check_colormap(cmap, func)
     item, batch_size = _map_item(attn, batch_index, func, square=False)
     count = item.shape[0]
-    fig, axes = _panel_grid(fig, count + 1, ncols)
+    fig, axes = _panel_grid(fig, count + 1, ncols, func)
     for index, (ax, values) in enumerate(zip(axes, [*item, item.mean(axis=0)])):
         ax.imshow(values, cmap=cmap, interpolation="nearest")
         ax.set_title(f"head {index}" if index < count else "mean of heads")
@@ -344,7 +340,11 @@ def heads(
 
 def _token_labels(labels: Any, count: int, func: str, name: str, axis: str) -> List[str]:
     """``labels`` as ``count`` strings, one per query row or key column."""
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+    if (
+        isinstance(labels, (str, bytes))
+        or not isinstance(labels, Iterable)
+        or (isinstance(labels, np.ndarray) and labels.ndim == 0)
+    ):
         raise VisualizerError(
             f"{func}: {name} must be a sequence of token strings, one per {axis}; got "
             f"{type(labels).__name__}"
@@ -352,7 +352,7 @@ def _token_labels(labels: Any, count: int, func: str, name: str, axis: str) -> L
     strings = [str(label) for label in labels]
     if len(strings) != count:
         raise VisualizerError(
-            f"{func}: {name} must hold one label per {axis} ({count}); got {len(strings)}"
+            f"{func}: {name} must hold one label per {axis} of attn ({count}); got {len(strings)}"
         )
     return strings
 
@@ -367,11 +367,10 @@ def _hidden_positions(
     """
     if hide_tokens is None:
         return set(), set()
-    if isinstance(hide_tokens, (str, int, np.integer)):
-        hide_tokens = [hide_tokens]
     rows: set = set()
     columns: set = set()
-    for token in hide_tokens:
+    expected = "token strings or int positions"
+    for token in sequence_of(hide_tokens, (str, int, np.integer), func, "hide_tokens", expected):
         if isinstance(token, str):
             found_rows = {index for index, label in enumerate(query_labels) if label == token}
             found_columns = {index for index, label in enumerate(key_labels) if label == token}
@@ -477,6 +476,7 @@ def tokens(
         ['hi', '[SEP]']
     """
     func = "plot.tokens"
+    _check_colormap(cmap, func)
     item, query_labels, key_labels, batch_size = _token_view(
         attn, tokens, query_tokens, hide_tokens, batch_index, func
     )
@@ -487,7 +487,7 @@ def tokens(
         values, head_part = item[index], f"head {index}"
     width = _token_figure_size(len(key_labels))
     height = _token_figure_size(len(query_labels))
-    fig, ax = _single_axes(ax, (width + 1.0, height))
+    fig, ax = _single_axes(ax, (width + 1.0, height), func)
     shown = ax.imshow(values, cmap=cmap, interpolation="nearest")
     fig.colorbar(shown, ax=ax)
     ax.set_xticks(range(len(key_labels)), key_labels, rotation=90)
@@ -564,20 +564,15 @@ def head_view(
         array([0.  , 1.  , 0.25, 0.75])
     """
     func = "plot.head_view"
+    check_bool(renormalize, func, "renormalize")
+    check_number(linewidth, func, "linewidth", 0, low_open=True)
     item, query_labels, key_labels, batch_size = _token_view(
         attn, tokens, query_tokens, hide_tokens, batch_index, func
     )
     count = item.shape[0]
-    if heads is None:
-        selected = list(range(count))
-    elif isinstance(heads, (int, np.integer)):
-        selected = [check_index(heads, count, func, "heads")]
-    else:
-        selected = [check_index(index, count, func, "heads") for index in heads]
-    if not selected:
-        raise VisualizerError(f"{func}: heads must name at least one head; got {heads!r}")
-    if not linewidth > 0:
-        raise VisualizerError(f"{func}: linewidth must be positive; got {linewidth!r}")
+    selected = (
+        list(range(count)) if heads is None else index_list(heads, count, func, "heads", "head")
+    )
 
     rows = max(len(query_labels), len(key_labels))
     query_y = _column_positions(len(query_labels), len(key_labels))
@@ -589,7 +584,7 @@ def head_view(
         [np.stack([np.zeros_like(starts), starts], -1), np.stack([np.ones_like(ends), ends], -1)],
         axis=1,
     )
-    fig, ax = _single_axes(ax, (4.5, _token_figure_size(rows)))
+    fig, ax = _single_axes(ax, (4.5, _token_figure_size(rows)), func)
     for index in selected:
         weights = item[index].astype(np.float64)
         if renormalize:
@@ -640,10 +635,16 @@ def head_view(
 # -------------------------------------------------------------- over images
 
 
-def _query_cell(query: Any, grid: Tuple[int, int], func: str) -> Tuple[int, int]:
+def _query_cell(
+    query: Any, grid: Tuple[int, int], num_prefix_tokens: int, func: str
+) -> Tuple[int, int]:
     """``(row, col)`` of a query given as ``(row, col)`` or a flat patch index."""
+    on_grid = (
+        f"(on the {grid[0]}x{grid[1]} patch grid of attn after num_prefix_tokens="
+        f"{num_prefix_tokens})"
+    )
     if isinstance(query, (int, np.integer)):
-        row, col = divmod(check_index(query, grid[0] * grid[1], func, "query"), grid[1])
+        row, col = divmod(check_index(query, grid[0] * grid[1], func, f"query {on_grid}"), grid[1])
         return row, col
     try:
         row, col = query
@@ -651,8 +652,8 @@ def _query_cell(query: Any, grid: Tuple[int, int], func: str) -> Tuple[int, int]
         raise VisualizerError(
             f"{func}: query must be a patch index or (row, col); got {query!r}"
         ) from None
-    return check_index(row, grid[0], func, "query row"), check_index(
-        col, grid[1], func, "query col"
+    return check_index(row, grid[0], func, f"query row {on_grid}"), check_index(
+        col, grid[1], func, f"query col {on_grid}"
     )
 
 
@@ -713,6 +714,9 @@ def query(
         (0.0, 1.0)
     """
     func = "plot.query"
+    _check_overlay(mode, alpha, cmap, func)
+    check_bool(show_cls, func, "show_cls")
+    _check_figure(fig, func)
     layout = ImageGeometry.resolve(
         geometry,
         caller=func,
@@ -723,12 +727,12 @@ def query(
     )
     prefix_count = layout.num_prefix_tokens
     item, batch_size = _map_item(attn, batch_index, func)
-    grid = grid_shape(item.shape[-1], prefix_count, layout.grid_size, func)
+    grid = grid_shape(item.shape[-1], prefix_count, layout.grid_size, func, "attn")
     if show_cls and prefix_count < 1:
         raise VisualizerError(
             f"{func}: show_cls needs a CLS token (num_prefix_tokens >= 1); got {prefix_count!r}"
         )
-    row, col = _query_cell(query, grid, func)
+    row, col = _query_cell(query, grid, prefix_count, func)
     # Patch tokens follow the prefix tokens in row-major order.
     token = prefix_count + row * grid[1] + col
     if head is None:
@@ -863,6 +867,9 @@ def cls_attention(
         ['head 0, 60% mass', 'head 1, 60% mass', 'mean of heads, 60% mass']
     """
     func = "plot.cls_attention"
+    _check_overlay(mode, alpha, cmap, func)
+    if threshold is not None:
+        check_number(threshold, func, "threshold", 0, 1, low_open=True)
     layout = ImageGeometry.resolve(
         geometry,
         caller=func,
@@ -882,7 +889,7 @@ def cls_attention(
     selected = (
         list(range(per_head.shape[0]))
         if heads is None
-        else [check_index(index, per_head.shape[0], func, "heads") for index in heads]
+        else index_list(heads, per_head.shape[0], func, "heads", "head")
     )
     panels = [per_head[index] for index in selected] + [per_head[selected].mean(axis=0)]
     titles = [f"head {index}" for index in selected] + ["mean of heads"]
@@ -896,7 +903,7 @@ def cls_attention(
         else [None] * len(panels)
     )
 
-    fig, axes = _panel_grid(fig, len(panels), ncols)
+    fig, axes = _panel_grid(fig, len(panels), ncols, func)
     for ax, heat, title, mask in zip(axes, panels, titles, masks):
         _overlay(ax, picture, heat, mode, alpha, cmap)
         if mask is not None:
@@ -948,7 +955,7 @@ def mean_attention_distance(
             f"{func}: distances must have shape (L, H) (mean_attention_distance of a layer stack); "
             f"got shape {array.shape}"
         )
-    fig, ax = _single_axes(ax, (6, 4.5))
+    fig, ax = _single_axes(ax, (6, 4.5), func)
     layers = np.arange(array.shape[0])
     for index in range(array.shape[1]):
         ax.scatter(layers, array[:, index], s=14, label=f"head {index}")
@@ -1014,6 +1021,9 @@ def cross_attention(
         ['query 2', 'attention', 'query 5', 'attention']
     """
     func = "plot.cross_attention"
+    check_bool(per_head, func, "per_head")
+    _check_colormap(cmap, func)
+    _check_figure(fig, func)
     if isinstance(geometry, ImageGeometry) and geometry.num_prefix_tokens != 0:
         raise VisualizerError(
             f"{func}: cross-attention keys are feature-map cells only, with no prefix tokens; "
@@ -1026,13 +1036,8 @@ def cross_attention(
     array = cross_attention_array(cross_attn, func)
     batch_size, count, num_queries, cells = array.shape
     item = array[check_index(batch_index, batch_size, func, "batch_index")]
-    grid = grid_shape(cells, 0, layout.grid_size, func)
-    chosen = [queries] if isinstance(queries, (int, np.integer)) else list(queries)
-    selected = [check_index(index, num_queries, func, "queries") for index in chosen]
-    if not selected:
-        raise VisualizerError(
-            f"{func}: queries must name at least one object query; got {queries!r}"
-        )
+    grid = grid_shape(cells, 0, layout.grid_size, func, "cross_attn")
+    selected = index_list(queries, num_queries, func, "queries", "object query")
     box_array = None if boxes is None else to_numpy(boxes, func, "boxes")
     if box_array is not None:
         if box_array.shape[-1:] != (4,) or box_array.size != 4 * len(selected):
@@ -1123,6 +1128,7 @@ def rollout(
         (2, 2)
     """
     func = "plot.rollout"
+    _check_overlay(mode, alpha, cmap, func)
     layout = ImageGeometry.resolve(
         geometry,
         caller=func,
@@ -1136,7 +1142,7 @@ def rollout(
         heat = heat[check_index(batch_index, heat.shape[0], func, "batch_index")]
     picture = _display_image(image, batch_index, layout.mean, layout.std, func)
     _warn_if_unregistered(picture, (heat.shape[0], heat.shape[1]), func)
-    fig, ax = _single_axes(ax, (5, 5))
+    fig, ax = _single_axes(ax, (5, 5), func)
     _overlay(ax, picture, heat, mode, alpha, cmap)
     ax.set_title(title)
     return _root(fig)

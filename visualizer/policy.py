@@ -114,20 +114,24 @@ class StoragePolicy:
 
 
 def dtype_name(dtype: Any, who: str = "get_local") -> Optional[str]:
-    """Normalize a dtype given as str, numpy or torch dtype to its name ('f4' -> 'float32')."""
+    """Normalize a dtype given by name or as a numpy/torch dtype to its name ('float32').
+
+    A string must be one of the names: numpy's type codes ('f4', '<f2', 'd') and
+    aliases ('float', 'int', whose size depends on the platform) are refused.
+    """
     if dtype is None:
         return None
     if isinstance(dtype, str):
         name = dtype.replace("torch.", "")
     elif type(dtype).__module__ == "torch":
         name = str(dtype).replace("torch.", "")
-    else:
-        name = dtype
-    if name not in STORABLE_DTYPES:
+    elif isinstance(dtype, (np.dtype, type)):  # np.dtype('<f2'), np.float32
         try:
-            name = np.dtype(name).name
+            name = np.dtype(dtype).name
         except TypeError:
             _refuse_dtype(dtype, who)
+    else:
+        _refuse_dtype(dtype, who)
     if name not in STORABLE_DTYPES:
         _refuse_dtype(dtype, who)
     return name

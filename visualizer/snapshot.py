@@ -79,6 +79,25 @@ def snapshot(
         ) from None
 
 
+def own_storage(value: Any, policy: StoragePolicy) -> Any:
+    """What a ``select`` returned, as it is to be stored: never a view of the whole value.
+
+    Every policy but ``detach=False`` copies a tensor when storing it; that one
+    keeps the tensor itself, so a selected row (``a[:, 0]``, a view) would keep
+    the whole map's storage alive. It becomes its own contiguous copy, still in
+    the autograd graph (``clone`` is differentiable).
+    """
+    if policy.detach or not is_torch_tensor(value):
+        return value
+    torch = sys.modules["torch"]
+    if value.layout != torch.strided:
+        return value
+    whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+    if whole and value.is_contiguous():
+        return value
+    return value.clone(memory_format=torch.contiguous_format)
+
+
 def snapshot_tensor(
     tensor: "torch.Tensor",
     policy: StoragePolicy,

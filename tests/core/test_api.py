@@ -430,8 +430,8 @@ def test_errors_name_function_variable_expected_and_got(gl, call, message):
         call(gl)
 
 
-def test_numpy_dtype_spellings_are_normalized(gl):
-    gl.activate(dtype="f4")
+def test_numpy_dtype_objects_are_normalized(gl):
+    gl.activate(dtype=np.float32)
     assert gl.policy.dtype == "float32"
     gl.activate(dtype=np.dtype("<f2"))
     assert gl.policy.dtype == "float16"

@@ -1,0 +1,269 @@
+"""Bad input to analysis, files and capture options: a clear error, never a raw one.
+
+Torch-free (tests/core): the plots and the explorer are swept in tests/test_bad_input.py.
+"""
+import functools
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from tests.core.sweep import (
+    Case,
+    check,
+    check_coverage,
+    index_in,
+    is_bool,
+    is_int,
+    number_in,
+    one_of,
+    positive_int,
+    sweep_test,
+)
+from visualizer import (
+    StoragePolicy,
+    VisualizerError,
+    analysis,
+    files,
+    load_cache,
+    policy,
+    save_cache,
+)
+from visualizer.capture import GetLocal
+from visualizer.analysis import ImageGeometry
+
+# One forward of a 2-layer model: (B=2, H=3, N=1 + 2x2) per layer.
+MAP = np.full((2, 3, 5, 5), 0.2)
+
+
+def _maps():
+    return [MAP.copy(), MAP.copy()]
+
+
+ANALYSIS = [
+    Case(
+        analysis.cls_attention,
+        lambda: {"attn": MAP, "grid_size": None, "num_prefix_tokens": None, "geometry": None},
+    ),
+    Case(
+        analysis.mean_attention_distance,
+        lambda: {
+            "maps": _maps(),
+            "grid_size": None,
+            "num_prefix_tokens": None,
+            "patch_size": None,
+            "average_batch": True,
+            "geometry": None,
+            "num_layers": None,
+        },
+        {"average_batch": is_bool},
+    ),
+    Case(
+        analysis.attention_entropy,
+        lambda: {"maps": _maps(), "average_batch": True, "num_layers": 2},
+        {"average_batch": is_bool, "num_layers": lambda v: v is None or (is_int(v) and v == 2)},
+    ),
+    Case(
+        analysis.attention_rollout,
+        lambda: {
+            "maps": _maps(),
+            "head_fusion": "mean",
+            "discard_ratio": 0.0,
+            "add_identity": True,
+            "num_layers": None,
+        },
+        {
+            "head_fusion": one_of("mean", "max", "min"),
+            "discard_ratio": number_in(0, 0.999999),
+            "add_identity": is_bool,
+        },
+    ),
+    Case(
+        analysis.gradient_rollout,
+        lambda: {
+            "maps": _maps(),
+            "grads": _maps(),
+            "score": None,
+            "discard_ratio": 0.0,
+            "add_identity": True,
+            "num_layers": None,
+        },
+        {"discard_ratio": number_in(0, 0.999999), "add_identity": is_bool},
+    ),
+    Case(
+        analysis.rollout_cls_attention,
+        lambda: {
+            "rollout": np.full((2, 5, 5), 0.2),
+            "grid_size": (2, 2),
+            "num_prefix_tokens": 1,
+            "geometry": None,
+        },
+    ),
+    Case(
+        analysis.threshold_mask,
+        lambda: {"attention": np.full((3, 2, 2), 0.25), "fraction": 0.6},
+        {"fraction": number_in(0, 1, low_open=True)},
+    ),
+    Case(
+        analysis.find_artifact_tokens,
+        lambda: {"attn": MAP, "num_prefix_tokens": 1, "z_threshold": 10.0, "geometry": None},
+        {"z_threshold": lambda v: number_in(-np.inf, np.inf)(v) and np.isfinite(v)},
+    ),
+    Case(
+        analysis.upsample_to_image,
+        lambda: {"attention": np.full((3, 2, 2), 0.25), "image_size": (4, 6), "mode": "bilinear"},
+        {"mode": one_of("nearest", "bilinear")},
+    ),
+    Case(
+        analysis.box_cxcywh_to_xyxy,
+        lambda: {"boxes": np.full((3, 4), 0.5), "image_size": (10, 20)},
+    ),
+    Case(
+        analysis.attention_mass_in_boxes,
+        lambda: {
+            "cross_attn": np.full((2, 3, 4, 6), 1 / 6),
+            "boxes": np.tile([0.0, 0.0, 5.0, 5.0], (4, 1)),
+            "image_size": (20, 30),
+            "grid_size": (2, 3),
+            "geometry": None,
+        },
+    ),
+    Case(
+        ImageGeometry,
+        lambda: {
+            "grid_size": (2, 2),
+            "num_prefix_tokens": 1,
+            "patch_size": 16,
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.2, 0.2, 0.2),
+        },
+    ),
+    Case(
+        ImageGeometry.from_config,
+        lambda: {
+            "config": type("Config", (), {"image_size": 32, "patch_size": 16})(),
+            "image_size": None,
+            "num_prefix_tokens": 1,
+            "mean": None,
+            "std": None,
+        },
+    ),
+]
+
+def _in_a_temporary_folder(func):
+    """``func`` run in an empty folder of its own: the sweep's strings become file names."""
+
+    @functools.wraps(func)
+    def run(**kwargs):
+        with tempfile.TemporaryDirectory() as folder:
+            previous = os.getcwd()
+            os.chdir(folder)
+            try:
+                return func(**kwargs)
+            finally:
+                os.chdir(previous)
+
+    return run
+
+
+FILES = [
+    Case(
+        _in_a_temporary_folder(save_cache),
+        lambda: {"cache": {"f": [np.zeros(2), {"attn": np.ones(2)}]}, "path": "cache.npz"},
+    ),
+    Case(_in_a_temporary_folder(load_cache), lambda: {"path": "/dev/null"}),
+]
+
+
+@functools.wraps(GetLocal.activate)
+def _activate(**kwargs):
+    get_local = GetLocal()
+    try:
+        get_local.activate(**kwargs)
+    finally:
+        get_local.deactivate()
+
+
+STORAGE_OPTIONS = {"keep_on_device": False, "dtype": None, "max_entries": None, "detach": True}
+CAPTURE = [
+    Case(
+        StoragePolicy,
+        lambda: {**STORAGE_OPTIONS, "who": "get_local"},
+        {"keep_on_device": is_bool, "detach": is_bool},
+    ),
+    Case(policy.dtype_name, lambda: {"dtype": "float32", "who": "get_local"}),
+    Case(
+        _activate,
+        lambda: {**STORAGE_OPTIONS, "ranks": None},
+        {"keep_on_device": is_bool, "detach": is_bool},
+    ),
+]
+
+
+test_every_argument_is_checked = sweep_test(ANALYSIS + FILES + CAPTURE, max_examples=40)
+
+
+def test_the_sweep_covers_every_function_and_argument():
+    check_coverage(ANALYSIS, analysis)
+    check_coverage(FILES, files)
+    check_coverage(CAPTURE, policy)
+
+
+# The cases met in use, each also in the sweep's reach; kept by name so that a
+# regression says which.
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: analysis.threshold_mask(np.full((2, 2), np.nan)), r"attention.*NaN"),
+        (lambda: analysis.threshold_mask(np.full((2, 2), 0.25), fraction=np.nan), "fraction"),
+        (lambda: analysis.upsample_to_image(np.zeros((0, 0)), (4, 4)), r"attention.*empty"),
+        (lambda: analysis.upsample_to_image(np.zeros((2, 0)), (4, 4)), r"attention.*empty"),
+        (lambda: analysis.upsample_to_image(np.zeros((2, 2)), (0.4, 4)), "image_size"),
+        (lambda: analysis.box_cxcywh_to_xyxy(np.zeros((2, 4)), (np.nan, 3)), "image_size"),
+        (lambda: analysis.attention_rollout(_maps(), discard_ratio=np.nan), "discard_ratio"),
+        (lambda: analysis.attention_rollout(_maps(), add_identity="no"), "add_identity"),
+        (lambda: analysis.attention_entropy(_maps(), average_batch="no"), "average_batch"),
+        (lambda: analysis.find_artifact_tokens(MAP, z_threshold="10"), "z_threshold"),
+        (lambda: save_cache([np.zeros(2)], "/dev/null"), r"cache must be a dict.*got list"),
+        (lambda: save_cache({"f": [{1: np.zeros(2)}]}, "/dev/null"), r"names must be strings"),
+        (lambda: save_cache({"f": [np.zeros(2)]}, 3.5), r"path"),
+        (lambda: load_cache(None), r"path"),
+    ],
+)
+def test_named_bad_inputs_are_refused(call, message):
+    with pytest.raises(VisualizerError, match=message):
+        call()
+
+
+def test_entry_names_round_trip_or_are_refused(tmp_path):
+    path = tmp_path / "cache.npz"
+    save_cache({"f": [{"attn": np.zeros(2), "q": 1}]}, path)
+    assert list(load_cache(path)["f"][0]) == ["attn", "q"]
+    with pytest.raises(VisualizerError, match=r"save_cache: .*\[1\].*names must be strings"):
+        save_cache({"f": [{1: np.zeros(2)}]}, path)
+
+
+@pytest.mark.parametrize("dtype", ["f4", "<f2", "i8", "?", "float", "int", "double"])
+def test_dtype_codes_are_refused_with_the_names(gl, dtype):
+    with pytest.raises(VisualizerError, match=r"dtype must .*'float32'.*got " + repr(dtype)):
+        gl.activate(dtype=dtype)
+
+
+def test_numpy_and_torch_dtype_objects_are_accepted(gl):
+    gl.activate(dtype=np.dtype("<f2"))
+    assert gl.policy.dtype == "float16"
+    gl.activate(dtype=np.float32)
+    assert gl.policy.dtype == "float32"
+    gl.activate(dtype="float64")
+    assert gl.policy.dtype == "float64"
+
+
+def test_sweep_catches_a_silent_pass():
+    """The sweep itself can fail: a function that ignores a bad value is caught."""
+    case = Case(lambda ncols=1: None, lambda: {"ncols": 1}, {"ncols": positive_int})
+    with pytest.raises(AssertionError, match="accepted an invalid value silently"):
+        check(case, "ncols", 0)
+    raw = Case(lambda index=0: [1][index], lambda: {"index": 0}, {"index": index_in(1)})
+    with pytest.raises(IndexError):
+        check(raw, "index", 5)
