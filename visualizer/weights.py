@@ -287,16 +287,29 @@ def _attention_weights(
     dead_rows = None
     if attn_mask is not None or causal_offset is not None:
         dead_rows = scores.amax(-1, keepdim=True) == -math.inf
-    if scores.device.type == "cpu":
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
         # In place: on the CPU a second (L, S) map per head is fresh memory
         # whose page faults cost more than the softmax (CUDA's caching
-        # allocator has no such cost).
+        # allocator has no such cost). A compiled graph plans its own buffers.
         weights = torch.softmax(scores, dim=-1, out=scores)
     else:
         weights = torch.softmax(scores, dim=-1)
     if dead_rows is not None:
         weights = weights.masked_fill_(dead_rows, 0)
     return weights.to(query.dtype)
+
+
+# Module attributes that give the number of heads, for a 3-D (B*H, Q, K) softmax.
+_HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+
+def head_count(module: nn.Module) -> Optional[int]:
+    """The number of heads a module says it has, or None."""
+    for name in _HEAD_COUNT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _with_ndim(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
