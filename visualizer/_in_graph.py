@@ -43,7 +43,9 @@ from torch.overrides import TorchFunctionMode
 from . import _torch_internals
 from .weights import (
     CheckedSelection,
+    WeightsRequest,
     bind_sdpa_arguments,
+    functional_multi_head_weights,
     head_count,
     sdpa_call_weights,
     select_weights,
@@ -135,9 +137,7 @@ class GraphMode(TorchFunctionMode):
     ) -> None:
         super().__init__()
         self.modules = {path: paths[path] for path in selected}
-        self.rows = rows
-        self.heads = heads
-        self.who = who
+        self.request = WeightsRequest(rows, heads, who)  # no pool: the graph plans its buffers
         self.sink = next(_NUMBERS)
         # Paths of the selected modules running, innermost last: read at trace time.
         self.stack: List[str] = []
@@ -154,6 +154,8 @@ class GraphMode(TorchFunctionMode):
         if torch.compiler.is_compiling() and self.stack:
             if func is F.scaled_dot_product_attention:
                 self._sdpa(args, kwargs)
+            elif func is F.multi_head_attention_forward:
+                self._multi_head(args, kwargs)
             elif func in _SOFTMAX_FUNCTIONS:
                 self._softmax(args, kwargs, output)
         return output
@@ -171,9 +173,10 @@ class GraphMode(TorchFunctionMode):
                 return
             output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
         weights = select_weights(
-            output.detach(), self.rows, self.heads, where=_where(path), who=self.who
+            output.detach(), self.request.rows, self.request.heads, where=_where(path),
+            who=self.request.who,
         )
-        _OP(weights, path, self.sink)
+        self._record(path, weights)
 
     def _sdpa(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         query, key, attn_mask, _, is_causal, scale, enable_gqa = bind_sdpa_arguments(
@@ -192,12 +195,18 @@ class GraphMode(TorchFunctionMode):
             is_causal,
             scale,
             enable_gqa,
-            rows=self.rows,
-            heads=self.heads,
-            where=_where(path),
-            who=self.who,
-            pool=None,
+            self.request,
+            _where(path),
         )
+        self._record(path, weights)
+
+    def _multi_head(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        path = self.stack[-1]
+        weights = functional_multi_head_weights(args, kwargs, self.request, _where(path))
+        self._record(path, weights)
+
+    def _record(self, path: str, weights: torch.Tensor) -> None:
+        assert _OP is not None, "available() registers the op before a mode is made"
         _OP(weights, path, self.sink)
 
     # -- the hooks Dynamo traces ------------------------------------------

@@ -81,6 +81,7 @@ from .weights import (
     Selection,
     WeightsRequest,
     bind_sdpa_arguments,
+    functional_multi_head_weights,
     head_count,
     module_weights,
     multi_head_weights,
@@ -122,7 +123,6 @@ _SEEN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 _MULTI_HEAD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
-_FUNCTIONAL_MULTI_HEAD_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _ENCODER_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
 
 
@@ -244,6 +244,7 @@ class AttentionRecorder:
         self._eager = False
         # What records inside compiled graphs while recording (see _in_graph)
         self._graph: Optional[_in_graph.GraphMode] = None
+        self._graphs_record = False  # whether compiled graphs recorded since start()
         self._warn_once = WarnOnce()
 
     # -- switching --------------------------------------------------------
@@ -273,6 +274,7 @@ class AttentionRecorder:
     def _put_on(self) -> None:
         self._module_calls = 0
         self._recorded = 0
+        self._graphs_record = False
         self._warn_unseen_modules()
         inside_encoder_layers: Set[int] = set()
         for module in self._paths.values():
@@ -397,6 +399,7 @@ class AttentionRecorder:
         self._graph = _in_graph.shared_mode(
             _unwrapped(self.model), self._paths, selected, self._rows, self._heads, _WHO
         )
+        self._graphs_record = True
         self._graph.connect(self._from_graph)
         self._handles.extend(self._graph.hooks())
         push_mode(self._graph)
@@ -601,28 +604,9 @@ class AttentionRecorder:
         frames = self._state.frames
         if not frames:
             return
-        bound = _FUNCTIONAL_MULTI_HEAD_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        separate = a["use_separate_proj_weight"]
         self._record(
             frames,
-            lambda where: multi_head_weights(
-                a["query"],
-                a["key"],
-                a["num_heads"],
-                a["in_proj_weight"],
-                a["in_proj_bias"],
-                a["bias_k"],
-                a["add_zero_attn"],
-                a["key_padding_mask"],
-                a["attn_mask"],
-                a["q_proj_weight"] if separate else None,
-                a["k_proj_weight"] if separate else None,
-                a["static_k"],
-                self._request,
-                where,
-            ),
+            lambda where: functional_multi_head_weights(args, kwargs, self._request, where),
             owned=True,
         )
 
@@ -725,7 +709,14 @@ class AttentionRecorder:
     def _warn_if_empty(self) -> None:
         if self.maps or self._recorded:
             return
-        if self._module_calls == 0:
+        if self._module_calls == 0 and self._graphs_record:
+            message = (
+                f"{_WHO}: nothing was captured: the {type(self.model).__qualname__} did not "
+                "run eagerly, and no compiled graph of it recorded attention while recording "
+                "(call the model inside the block; compiled code records on the thread that "
+                "started the recorder)"
+            )
+        elif self._module_calls == 0:
             message = (
                 f"{_WHO}: nothing was captured: no module of the "
                 f"{type(self.model).__qualname__} ran while recording (call the model inside "

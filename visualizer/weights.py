@@ -28,6 +28,7 @@ import operator
 from typing import (
     TYPE_CHECKING,
     Any,
+    Dict,
     Iterable,
     NamedTuple,
     Optional,
@@ -458,6 +459,68 @@ def multi_head_weights(
             padding = F.pad(padding, (0, keys - padding.shape[-1]))
             mask = padding if mask is None else mask + padding
         return sdpa_call_weights(q, k, mask, False, None, False, request, where)
+
+
+def functional_multi_head_weights(
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    request: WeightsRequest,
+    where: str,
+) -> torch.Tensor:
+    """`multi_head_weights` of an `F.multi_head_attention_forward(*args, **kwargs)` call."""
+    a = _bind_multi_head_arguments(*args, **kwargs)
+    separate = a["use_separate_proj_weight"]
+    return multi_head_weights(
+        a["query"],
+        a["key"],
+        a["num_heads"],
+        a["in_proj_weight"],
+        a["in_proj_bias"],
+        a["bias_k"],
+        a["add_zero_attn"],
+        a["key_padding_mask"],
+        a["attn_mask"],
+        a["q_proj_weight"] if separate else None,
+        a["k_proj_weight"] if separate else None,
+        a["static_k"],
+        request,
+        where,
+    )
+
+
+def _bind_multi_head_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: Optional[torch.Tensor],
+    in_proj_bias: Optional[torch.Tensor],
+    bias_k: Optional[torch.Tensor],
+    bias_v: Optional[torch.Tensor],
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: Optional[torch.Tensor],
+    training: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    need_weights: bool = True,
+    attn_mask: Optional[torch.Tensor] = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Optional[torch.Tensor] = None,
+    k_proj_weight: Optional[torch.Tensor] = None,
+    v_proj_weight: Optional[torch.Tensor] = None,
+    static_k: Optional[torch.Tensor] = None,
+    static_v: Optional[torch.Tensor] = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> Dict[str, Any]:
+    """A call's arguments by `F.multi_head_attention_forward`'s own signature, by name.
+
+    A plain function rather than `inspect.Signature.bind`, so that Dynamo
+    traces it inside a compiled graph.
+    """
+    return dict(locals())
 
 
 def module_weights(
