@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 
 from examples.toy_vit import VisionTransformer  # noqa: E402
+from tests.test_attention import by_hand as attention_by_hand  # noqa: E402
 from visualizer import capture_attention, get_local  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -48,23 +49,7 @@ IMAGES_SHAPE = (2, 3, 16, 24)  # 24 patches + CLS = 25 tokens
 
 def by_hand(model, images):
     """Each block's softmax(q kᵀ scale), from its own projections and its input, eagerly."""
-    inputs = []
-    handles = [
-        block.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
-        for block in model.blocks
-    ]
-    with torch.no_grad():
-        model(images)
-    for handle in handles:
-        handle.remove()
-    maps = {}
-    for index, (block, x) in enumerate(zip(model.blocks, inputs)):
-        attention = block.attn
-        batch, tokens, _ = x.shape
-        qkv = attention.qkv(x).reshape(batch, tokens, 3, attention.num_heads, -1)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
-        maps[f"blocks.{index}.attn"] = ((q @ k.transpose(-2, -1)) * attention.scale).softmax(-1)
-    return maps
+    return {f"blocks.{i}.attn": m for i, m in enumerate(attention_by_hand(model, images))}
 
 
 def graphs():

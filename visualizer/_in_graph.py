@@ -46,9 +46,9 @@ from .weights import (
     WeightsRequest,
     bind_sdpa_arguments,
     functional_multi_head_weights,
-    head_count,
     sdpa_call_weights,
     select_weights,
+    softmax_probabilities,
     unpack_grouped_query,
 )
 
@@ -161,19 +161,12 @@ class GraphMode(TorchFunctionMode):
         return output
 
     def _softmax(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        if not isinstance(output, torch.Tensor) or output.dim() not in (3, 4):
-            return
-        if dim not in (-1, output.dim() - 1):
-            return
         path = self.stack[-1]
-        if output.dim() == 3:
-            heads = head_count(self.modules[path])
-            if heads is None or output.shape[0] % heads:
-                return
-            output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
+        probabilities = softmax_probabilities(args, kwargs, output, self.modules[path])
+        if probabilities is None:
+            return
         weights = select_weights(
-            output.detach(), self.request.rows, self.request.heads, where=_where(path),
+            probabilities, self.request.rows, self.request.heads, where=_where(path),
             who=self.request.who,
         )
         self._record(path, weights)

@@ -82,11 +82,11 @@ from .weights import (
     WeightsRequest,
     bind_sdpa_arguments,
     functional_multi_head_weights,
-    head_count,
     module_weights,
     multi_head_weights,
     sdpa_call_weights,
     select_weights,
+    softmax_probabilities,
     unpack_grouped_query,
     validate_selection,
 )
@@ -375,7 +375,8 @@ class AttentionRecorder:
         Only where compiled code can run (Dynamo loaded): the mode that makes
         graphs record stays on this thread's stack while recording.
         """
-        if _torch_internals.compiled_module_type() is None:
+        optimized = _torch_internals.compiled_module_type()
+        if optimized is None:
             return  # Dynamo was never loaded: nothing is compiled
         reason = _in_graph.available()
         if reason is None and self._decorated and get_local.is_active:
@@ -385,7 +386,7 @@ class AttentionRecorder:
             )
         if reason is not None:
             self._eager = _EAGER_STANCE.hold()
-            if isinstance(self.model, _torch_internals.compiled_module_type()):
+            if isinstance(self.model, optimized):
                 warn_user(
                     f"{_WHO}: the compiled {type(_unwrapped(self.model)).__qualname__} runs "
                     f"eagerly while recording: {reason}"
@@ -560,20 +561,15 @@ class AttentionRecorder:
 
     def _softmax(self, args: Args, kwargs: Kwargs, output: Any) -> None:
         frames = self._state.frames
-        if not frames or not isinstance(output, torch.Tensor):
+        if not frames:
             return
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        if dim is None or output.dim() not in (3, 4) or dim not in (-1, output.dim() - 1):
+        probabilities = softmax_probabilities(args, kwargs, output, frames[-1].module)
+        if probabilities is None:
             return
-        if output.dim() == 3:
-            heads = head_count(frames[-1].module)
-            if heads is None or output.shape[0] % heads:
-                return
-            output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
         self._record(
             frames,
             lambda where: select_weights(
-                output.detach(), self._rows, self._heads, where=where, who=_WHO
+                probabilities, self._rows, self._heads, where=where, who=_WHO
             ),
             # A selection is copied out of the model's tensor; the whole map is the model's.
             owned=self._rows is not None or self._heads is not None,
@@ -711,10 +707,10 @@ class AttentionRecorder:
             return
         if self._module_calls == 0 and self._graphs_record:
             message = (
-                f"{_WHO}: nothing was captured: the {type(self.model).__qualname__} did not "
-                "run eagerly, and no compiled graph of it recorded attention while recording "
-                "(call the model inside the block; compiled code records on the thread that "
-                "started the recorder)"
+                f"{_WHO}: nothing was captured: no module of the "
+                f"{type(self.model).__qualname__} ran while recording (call the model inside "
+                "the block); its compiled code records only on the thread that started the "
+                "recorder"
             )
         elif self._module_calls == 0:
             message = (

@@ -304,7 +304,28 @@ def _attention_weights(
 _HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 
 
-def head_count(module: nn.Module) -> Optional[int]:
+def softmax_probabilities(
+    args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any, module: nn.Module
+) -> Optional[torch.Tensor]:
+    """The (B, H, Q, K) attention a softmax call formed, detached, or None if it is not one.
+
+    A softmax over the last axis of a 4-D tensor is taken as it is; of a 3-D
+    (B*H, Q, K) tensor when `module` (the module running) says its number of heads.
+    """
+    if not isinstance(output, torch.Tensor):
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None or output.dim() not in (3, 4) or dim not in (-1, output.dim() - 1):
+        return None
+    if output.dim() == 3:
+        heads = _head_count(module)
+        if heads is None or output.shape[0] % heads:
+            return None
+        output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
+    return output.detach()
+
+
+def _head_count(module: nn.Module) -> Optional[int]:
     """The number of heads a module says it has, or None."""
     for name in _HEAD_COUNT_ATTRIBUTES:
         value = getattr(module, name, None)
