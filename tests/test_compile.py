@@ -304,3 +304,19 @@ def test_get_local_switched_on_makes_compiled_code_run_eagerly_and_says_why():
     assert graphs() == compiled_before  # forced eager: nothing compiled for the recording
     for key, want in expected.items():
         assert_close(torch.as_tensor(maps[key][0]), want, rtol=0, atol=1e-5)
+
+
+def test_a_recorded_compiled_model_can_be_freed():
+    import gc
+    import weakref
+
+    model = toy_vit(fused=True, depth=1)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), capture_attention(compiled, rows=0) as maps:
+        compiled(torch.randn(IMAGES_SHAPE))
+    assert len(maps) == 1
+    alive = weakref.ref(model)
+    del model, compiled
+    torch._dynamo.reset()  # compiled code holds the model
+    gc.collect()
+    assert alive() is None

@@ -136,7 +136,8 @@ class GraphMode(TorchFunctionMode):
         who: str,
     ) -> None:
         super().__init__()
-        self.modules = {path: paths[path] for path in selected}
+        # Weak: the registry of shared modes must not keep the model alive.
+        self.modules = {path: weakref.ref(paths[path]) for path in selected}
         self.request = WeightsRequest(rows, heads, who)  # no pool: the graph plans its buffers
         self.sink = next(_NUMBERS)
         # Paths of the selected modules running, innermost last: read at trace time.
@@ -162,7 +163,7 @@ class GraphMode(TorchFunctionMode):
 
     def _softmax(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         path = self.stack[-1]
-        probabilities = softmax_probabilities(args, kwargs, output, self.modules[path])
+        probabilities = softmax_probabilities(args, kwargs, output, self._module(path))
         if probabilities is None:
             return
         weights = select_weights(
@@ -179,7 +180,7 @@ class GraphMode(TorchFunctionMode):
             return
         path = self.stack[-1]
         query, attn_mask, enable_gqa = unpack_grouped_query(
-            self.modules[path], query, key, attn_mask, enable_gqa
+            self._module(path), query, key, attn_mask, enable_gqa
         )
         weights = sdpa_call_weights(
             query.detach(),
@@ -198,6 +199,11 @@ class GraphMode(TorchFunctionMode):
         weights = functional_multi_head_weights(args, kwargs, self.request, _where(path))
         self._record(path, weights)
 
+    def _module(self, path: str) -> nn.Module:
+        module = self.modules[path]()
+        assert module is not None, "a model that runs is alive"
+        return module
+
     def _record(self, path: str, weights: torch.Tensor) -> None:
         assert _OP is not None, "available() registers the op before a mode is made"
         _OP(weights, path, self.sink)
@@ -207,7 +213,8 @@ class GraphMode(TorchFunctionMode):
     def hooks(self) -> List[Any]:
         """Put the path-stack hooks on the selected modules; return their handles."""
         handles = []
-        for path, module in self.modules.items():
+        for path in self.modules:
+            module = self._module(path)
             if isinstance(module, (nn.Softmax, torch.jit.ScriptModule)):
                 continue
             handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
