@@ -201,18 +201,13 @@ def compile_section(args, report, clocks):
                 f"{cell(paired_ratios(values, eager_plain), 3)} |"
             )
         report.append("")
-        rows0 = quartiles(
-            paired_ratios(times["compiled + capture_attention(rows=0)"][main], compiled_plain)
-        )[1]
-        full_compiled = quartiles(
-            paired_ratios(times["compiled + capture_attention, full maps"][main], compiled_plain)
-        )[1]
-        full_eager = quartiles(
-            paired_ratios(times["eager + capture_attention, full maps"][main], eager_plain)
-        )[1]
-        forced = quartiles(
-            paired_ratios(times["forced eager + capture_attention(rows=0)"][main], compiled_plain)
-        )[1]
+        def median_ratio(name, baseline):
+            return quartiles(paired_ratios(times[name][main], baseline))[1]
+
+        rows0 = median_ratio("compiled + capture_attention(rows=0)", compiled_plain)
+        full_compiled = median_ratio("compiled + capture_attention, full maps", compiled_plain)
+        full_eager = median_ratio("eager + capture_attention, full maps", eager_plain)
+        forced = median_ratio("forced eager + capture_attention(rows=0)", compiled_plain)
         report.append(
             f"Compile time (first call, wall): {compiled_seconds['plain']:.1f} s plain, "
             f"{compiled_seconds['capture_attention(rows=0)']:.1f} s with capture on.\n"
