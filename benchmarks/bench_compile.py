@@ -22,7 +22,8 @@ capture of a compiled model cost before it recorded from the graph); and the
 same weights uncompiled, plain and with full maps. Ratios are paired per round.
 
 Compile time: the wall time of the first call after `torch._dynamo.reset()`,
-without capture and with `capture_attention(rows=0)` switched on.
+without capture and with `capture_attention(rows=0)` switched on, inductor's
+caches disabled (cold compiles).
 """
 
 import argparse
@@ -103,7 +104,12 @@ def compile_times(model, inputs):
 
     from visualizer import capture_attention
 
+    from torch._inductor import config as inductor_config
+
     times = {}
+    # Cold compiles: inductor's on-disk caches would otherwise serve an earlier run's code.
+    caches = inductor_config.force_disable_caches
+    inductor_config.force_disable_caches = True
     for name, capture in (("plain", False), ("capture_attention(rows=0)", True)):
         torch._dynamo.reset()
         compiled = torch.compile(model)
@@ -115,6 +121,7 @@ def compile_times(model, inputs):
             else:
                 compiled(inputs)
         times[name] = time.perf_counter() - started
+    inductor_config.force_disable_caches = caches
     torch._dynamo.reset()
     return times
 
