@@ -320,3 +320,22 @@ def test_a_recorded_compiled_model_can_be_freed():
     torch._dynamo.reset()  # compiled code holds the model
     gc.collect()
     assert alive() is None
+
+
+def test_another_thread_runs_the_uncaptured_graph_while_recording():
+    import threading
+
+    model = toy_vit(fused=True, depth=1)
+    images = torch.randn(IMAGES_SHAPE)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        plain = compiled(images)
+        outputs = []
+        with capture_attention(compiled, rows=0) as maps:
+            worker = threading.Thread(target=lambda: outputs.append(compiled(images)))
+            worker.start()
+            worker.join()
+            compiled(images)
+    # The recording is on the starting thread's mode stack: only its call recorded.
+    assert torch.equal(outputs[0], plain)
+    assert [len(entries) for entries in maps.values()] == [1]
