@@ -210,16 +210,15 @@ class GraphMode(TorchFunctionMode):
 
     # -- the hooks Dynamo traces ------------------------------------------
 
-    def hooks(self) -> List[Any]:
-        """Put the path-stack hooks on the selected modules; return their handles."""
-        handles = []
+    def put_hooks(self, handles: List[Any]) -> None:
+        """Put the path-stack hooks on the selected modules, each handle into `handles` at once
+        (a start interrupted half way takes off the ones already on)."""
         for path in self.modules:
             module = self._module(path)
             if isinstance(module, (nn.Softmax, torch.jit.ScriptModule)):
                 continue
             handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
             handles.append(module.register_forward_hook(self._exit_hook))
-        return handles
 
     def _enter_hook(self, path: str) -> Callable[[nn.Module, Any], None]:
         stack = self.stack

@@ -402,7 +402,7 @@ class AttentionRecorder:
         )
         self._graphs_record = True
         self._graph.connect(self._from_graph)
-        self._handles.extend(self._graph.hooks())
+        self._graph.put_hooks(self._handles)
         push_mode(self._graph)
 
     def _from_graph(self, path: str, weights: torch.Tensor) -> None:
