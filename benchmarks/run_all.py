@@ -3,7 +3,7 @@
     python benchmarks/run_all.py                       # everything: ~20 minutes on 2 idle cores
     python benchmarks/run_all.py --quick               # smoke run, about 1-2 minutes
     python benchmarks/run_all.py --only recorder fused # some sections (a/recorder, b/forwards,
-                                                       # c/fused)
+                                                       # c/fused, d/compile)
     python benchmarks/run_all.py --markdown out.md     # also write the report to a file
     python benchmarks/run_all.py --rounds 50 --threads 2 --clock wall
 
@@ -69,6 +69,12 @@ same round, then summarised as median (interquartile range).
     maps also in a capture/look/clear loop, where they are computed into the
     previous forward's cleared maps (the buffer pool).
 
+(d) compile: the fused ViT-S/14 at 224 and 518 px and a small causal LM
+    compiled with inductor: compiled + `capture_attention(rows=0)` and full
+    maps (recorded from the graph), the forced-eager path, and the same
+    weights uncompiled, against the compiled forward; compile time with and
+    without capture (see benchmarks/bench_compile.py).
+
 Clock (`--clock`): by default this process's CPU time (user + system) with one
 torch thread: on a shared machine the time other processes take is not
 counted, and a single thread spends no time spin-waiting for a busy core, so
@@ -111,7 +117,7 @@ from _common import (  # noqa: E402
     vit_classes,
 )
 
-SECTIONS = {"a": "recorder", "b": "forwards", "c": "fused"}
+SECTIONS = {"a": "recorder", "b": "forwards", "c": "fused", "d": "compile"}
 PYTHON_VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
@@ -842,7 +848,8 @@ def parse_arguments():
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: few rounds, small inputs (figures not to publish)")
     parser.add_argument("--only", nargs="+", metavar="SECTION",
-                        help="sections to run: a/recorder, b/forwards, c/fused (default: all)")
+                        help="sections to run: a/recorder, b/forwards, c/fused, d/compile "
+                        "(default: all)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
@@ -867,7 +874,9 @@ def parse_arguments():
     for name in args.only or SECTIONS:
         name = SECTIONS.get(name, name)
         if name not in SECTIONS.values():
-            parser.error(f"unknown section {name!r}; expected a/recorder, b/forwards, c/fused")
+            parser.error(
+                f"unknown section {name!r}; expected a/recorder, b/forwards, c/fused, d/compile"
+            )
         if name not in sections:
             sections.append(name)
     args.sections = sections
@@ -883,7 +892,7 @@ def main():
     start_digest = source_digest()
     os.environ.pop("VISUALIZER_CAPTURE", None)
     torch = None
-    if {"forwards", "fused"} & set(args.sections):
+    if {"forwards", "fused", "compile"} & set(args.sections):
         import torch
 
         # All of the library this process measures, imported now: one state
@@ -912,6 +921,10 @@ def main():
                 recorder_section(args, report)
             elif section == "forwards":
                 forwards_section(args, report, clocks)
+            elif section == "compile":
+                from bench_compile import compile_section
+
+                compile_section(args, report, clocks)
             else:
                 fused_section(args, report, clocks)
     digest = source_digest()

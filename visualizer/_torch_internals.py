@@ -137,3 +137,27 @@ def causal_bias_offset(attn_mask: object, num_queries: int, num_keys: int) -> Op
         return None
     lower_right = attn_mask.variant == bias.CausalVariant.LOWER_RIGHT
     return num_keys - num_queries if lower_right else 0
+
+
+# Recording inside compiled graphs (`_in_graph`) needs `torch.library.custom_op`
+# (torch 2.4) and Dynamo tracing a TorchFunctionMode on the stack (torch 2.6);
+# checked on torch 2.13.
+_IN_GRAPH_SINCE = (2, 6)
+
+
+def in_graph_capture_missing() -> Optional[str]:
+    """None when this torch records inside compiled graphs; else the version and what is needed."""
+    torch = sys.modules["torch"]
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if release < _IN_GRAPH_SINCE:
+        return (
+            f"torch {torch.__version__} cannot record inside compiled graphs (needs torch >= 2.6: "
+            "torch.library.custom_op and Dynamo tracing torch function modes)"
+        )
+    return None
+
+
+def mark_side_effect(op: object) -> None:
+    """Keep graph nodes of `op` that no one uses: AOT autograd and inductor drop them
+    otherwise (`torch.fx.node.has_side_effect`, checked on 2.13)."""
+    sys.modules["torch"].fx.node.has_side_effect(op)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import _torch_internals
+from . import _in_graph, _torch_internals
 from ._errors import VisualizerError
 from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
@@ -81,10 +81,12 @@ from .weights import (
     Selection,
     WeightsRequest,
     bind_sdpa_arguments,
+    functional_multi_head_weights,
     module_weights,
     multi_head_weights,
     sdpa_call_weights,
     select_weights,
+    softmax_probabilities,
     unpack_grouped_query,
     validate_selection,
 )
@@ -106,9 +108,6 @@ _WATCHED = _SOFTMAX_FUNCTIONS | {F.scaled_dot_product_attention, F.multi_head_at
 # they run, so capture never changes which path they take.
 _FAST_PATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
-# Module attributes that give the number of heads, for a 3-D (B*H, Q, K) softmax.
-_HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
-
 # Names in a forward's code that mean a kernel this library cannot see.
 _UNSEEN_KERNELS = frozenset(
     {
@@ -124,7 +123,6 @@ _SEEN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 _MULTI_HEAD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
-_FUNCTIONAL_MULTI_HEAD_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _ENCODER_LAYER_SIGNATURE = inspect.signature(nn.TransformerEncoderLayer.forward)
 
 
@@ -242,7 +240,11 @@ class AttentionRecorder:
         # get_local's store.deferring_to_fused(), entered while recording
         self._defer: Optional[ContextManager[None]] = None
         # whether this recorder holds torch.compile's force_eager stance while recording
+        # (only where the graph cannot record)
         self._eager = False
+        # What records inside compiled graphs while recording (see _in_graph)
+        self._graph: Optional[_in_graph.GraphMode] = None
+        self._graphs_record = False  # whether compiled graphs recorded since start()
         self._warn_once = WarnOnce()
 
     # -- switching --------------------------------------------------------
@@ -272,6 +274,7 @@ class AttentionRecorder:
     def _put_on(self) -> None:
         self._module_calls = 0
         self._recorded = 0
+        self._graphs_record = False
         self._warn_unseen_modules()
         inside_encoder_layers: Set[int] = set()
         for module in self._paths.values():
@@ -280,19 +283,32 @@ class AttentionRecorder:
                 # hook: it is watched through its own forward instead.
                 inside_encoder_layers.update(id(m) for m in module.modules())
                 self._wrapped.append(_wrap_forward(module, self._enter, self._exit))
-        for path, module in self._paths.items():
-            if isinstance(module, torch.jit.ScriptModule) or id(module) in inside_encoder_layers:
-                continue
+        hooked = [
+            module
+            for module in self._paths.values()
+            if not isinstance(module, torch.jit.ScriptModule)
+            and id(module) not in inside_encoder_layers
+        ]
+        for module in hooked:
             key = get_local.key_of(type(module).forward)
             if key is not None:
                 self._decorated[id(module)] = key
-            self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
-            self._handles.append(
-                module.register_forward_hook(self._exit_hook, with_kwargs=True, always_call=True)
-            )
         self._defer = get_local.store.deferring_to_fused()
         self._defer.__enter__()
-        self._eager = _EAGER_STANCE.hold()
+        self._record_compiled_code(inside_encoder_layers)
+        # Dynamo guards compiled code on the ids of always-called hooks, which
+        # are new at every start: where graphs record, the exit hook is an
+        # ordinary one, so that starting again reuses the graphs compiled
+        # before. A forward that raises then leaves its call on the module
+        # stack until stop(), which clears it.
+        always_call = self._graph is None
+        for module in hooked:
+            self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self._handles.append(
+                module.register_forward_hook(
+                    self._exit_hook, with_kwargs=True, always_call=always_call
+                )
+            )
         self._pool.hold()
         self.maps.pool = self._pool  # clear() while recording recycles
 
@@ -319,6 +335,10 @@ class AttentionRecorder:
         if self._eager:
             self._eager = False
             _EAGER_STANCE.release()
+        if self._graph is not None:
+            remove_mode(self._graph)
+            self._graph.disconnect()
+            self._graph = None
         self._decorated = {}
         if warn_if_empty:
             self._warn_if_empty()
@@ -348,6 +368,49 @@ class AttentionRecorder:
     ) -> None:
         # An error in the block says enough: no "nothing captured" on top of it.
         self._stop(warn_if_empty=exc_type is None)
+
+    def _record_compiled_code(self, inside_encoder_layers: Set[int]) -> None:
+        """Record compiled code from its graphs where it can; else make it run eagerly.
+
+        Only where compiled code can run (Dynamo loaded): the mode that makes
+        graphs record stays on this thread's stack while recording.
+        """
+        optimized = _torch_internals.compiled_module_type()
+        if optimized is None:
+            return  # Dynamo was never loaded: nothing is compiled
+        reason = _in_graph.available()
+        if reason is None and self._decorated and get_local.is_active:
+            reason = (
+                f"module {self._paths_by_id[next(iter(self._decorated))]!r} has a get_local-"
+                "decorated forward, whose recorder cannot run inside a graph"
+            )
+        if reason is not None:
+            self._eager = _EAGER_STANCE.hold()
+            if isinstance(self.model, optimized):
+                warn_user(
+                    f"{_WHO}: the compiled {type(_unwrapped(self.model)).__qualname__} runs "
+                    f"eagerly while recording: {reason}"
+                )
+            return
+        selected = [
+            path
+            for path, module in self._paths.items()
+            if path in self._selected and id(module) not in inside_encoder_layers
+        ]
+        self._graph = _in_graph.shared_mode(
+            _unwrapped(self.model), self._paths, selected, self._rows, self._heads, _WHO
+        )
+        self._graphs_record = True
+        self._graph.connect(self._from_graph)
+        self._graph.put_hooks(self._handles)
+        push_mode(self._graph)
+
+    def _from_graph(self, path: str, weights: torch.Tensor) -> None:
+        """A map a compiled graph handed out (see _in_graph): copied, the graph's buffer is not kept."""
+        if _torch_internals.in_backward():
+            return
+        self._recorded += 1
+        self.maps.add(path, snapshot(weights, self._policy, pool=self._pool))
 
     # -- which modules ----------------------------------------------------
 
@@ -395,6 +458,8 @@ class AttentionRecorder:
         return frames
 
     def _enter(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
+        if torch.compiler.is_compiling():
+            return  # a graph records through _in_graph's hooks
         frames = self._frames()
         state = self._state
         if not _torch_internals.in_backward():
@@ -404,6 +469,8 @@ class AttentionRecorder:
         frame = _Frame(module, self._paths_by_id.get(id(module)))
         if isinstance(module, _FAST_PATH_MODULES):
             frame.suspended = remove_mode(state.mode)
+            if self._graph is not None:
+                frame.graph_suspended = remove_mode(self._graph)
         key = self._decorated.get(id(module))
         if key is not None:
             frame.decorated_start = len(get_local.cache.get(key, ()))
@@ -415,6 +482,8 @@ class AttentionRecorder:
         self._exit(module, args, kwargs, failed=sys.exc_info()[0] is not None)
 
     def _exit(self, module: nn.Module, args: Args, kwargs: Kwargs, failed: bool) -> None:
+        if torch.compiler.is_compiling():
+            return
         frames = self._frames()
         state = self._state
         if not frames or frames[-1].module is not module:
@@ -431,6 +500,8 @@ class AttentionRecorder:
                     self._take_decorated(frame, key)
                 self._flush(frame)
         finally:
+            if frame.graph_suspended and self._graph is not None:
+                push_mode(self._graph)
             if frame.suspended:
                 push_mode(state.mode)
             if not frames:
@@ -490,20 +561,15 @@ class AttentionRecorder:
 
     def _softmax(self, args: Args, kwargs: Kwargs, output: Any) -> None:
         frames = self._state.frames
-        if not frames or not isinstance(output, torch.Tensor):
+        if not frames:
             return
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        if dim is None or output.dim() not in (3, 4) or dim not in (-1, output.dim() - 1):
+        probabilities = softmax_probabilities(args, kwargs, output, frames[-1].module)
+        if probabilities is None:
             return
-        if output.dim() == 3:
-            heads = _head_count(frames[-1].module)
-            if heads is None or output.shape[0] % heads:
-                return
-            output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
         self._record(
             frames,
             lambda where: select_weights(
-                output.detach(), self._rows, self._heads, where=where, who=_WHO
+                probabilities, self._rows, self._heads, where=where, who=_WHO
             ),
             # A selection is copied out of the model's tensor; the whole map is the model's.
             owned=self._rows is not None or self._heads is not None,
@@ -534,28 +600,9 @@ class AttentionRecorder:
         frames = self._state.frames
         if not frames:
             return
-        bound = _FUNCTIONAL_MULTI_HEAD_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        separate = a["use_separate_proj_weight"]
         self._record(
             frames,
-            lambda where: multi_head_weights(
-                a["query"],
-                a["key"],
-                a["num_heads"],
-                a["in_proj_weight"],
-                a["in_proj_bias"],
-                a["bias_k"],
-                a["add_zero_attn"],
-                a["key_padding_mask"],
-                a["attn_mask"],
-                a["q_proj_weight"] if separate else None,
-                a["k_proj_weight"] if separate else None,
-                a["static_k"],
-                self._request,
-                where,
-            ),
+            lambda where: functional_multi_head_weights(args, kwargs, self._request, where),
             owned=True,
         )
 
@@ -658,7 +705,14 @@ class AttentionRecorder:
     def _warn_if_empty(self) -> None:
         if self.maps or self._recorded:
             return
-        if self._module_calls == 0:
+        if self._module_calls == 0 and self._graphs_record:
+            message = (
+                f"{_WHO}: nothing was captured: no module of the "
+                f"{type(self.model).__qualname__} ran while recording (call the model inside "
+                "the block); its compiled code records only on the thread that started the "
+                "recorder"
+            )
+        elif self._module_calls == 0:
             message = (
                 f"{_WHO}: nothing was captured: no module of the "
                 f"{type(self.model).__qualname__} ran while recording (call the model inside "
@@ -688,7 +742,15 @@ class AttentionRecorder:
 class _Frame:
     """One running module call: where its maps go and what it recorded so far."""
 
-    __slots__ = ("module", "path", "records", "suspended", "decorated_start", "saw_attention")
+    __slots__ = (
+        "module",
+        "path",
+        "records",
+        "suspended",
+        "graph_suspended",
+        "decorated_start",
+        "saw_attention",
+    )
 
     def __init__(self, module: nn.Module, path: Optional[str]) -> None:
         self.module = module
@@ -696,6 +758,7 @@ class _Frame:
         self.path = path
         self.records: List[MapEntry] = []  # entries recorded for this module during this call
         self.suspended = False  # whether this call took the mode off the stack
+        self.graph_suspended = False  # whether it took the graph recording mode off
         self.decorated_start = 0  # get_local entries of its forward before the call
         self.saw_attention = False  # any map computed during this call, for any module
 
@@ -750,7 +813,8 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 class _EagerStance:
     """While any recorder records, torch.compile'd code runs eagerly; one owner per process.
 
-    A compiled graph runs neither the module hooks nor the torch functions
+    Only where a graph cannot record (see `AttentionRecorder._record_compiled_code`).
+    A compiled graph then runs neither the module hooks nor the torch functions
     the recorder watches one by one: maps would be missing or misattributed.
     With Dynamo's "force_eager" stance (process-wide) compiled models run
     their Python code, so the maps equal eager mode's. The stance is set by
@@ -783,14 +847,6 @@ class _EagerStance:
 
 
 _EAGER_STANCE = _EagerStance()
-
-
-def _head_count(module: nn.Module) -> Optional[int]:
-    for name in _HEAD_COUNT_ATTRIBUTES:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _unseen_reason(module: nn.Module) -> Optional[str]:

@@ -28,6 +28,7 @@ import operator
 from typing import (
     TYPE_CHECKING,
     Any,
+    Dict,
     Iterable,
     NamedTuple,
     Optional,
@@ -287,16 +288,50 @@ def _attention_weights(
     dead_rows = None
     if attn_mask is not None or causal_offset is not None:
         dead_rows = scores.amax(-1, keepdim=True) == -math.inf
-    if scores.device.type == "cpu":
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
         # In place: on the CPU a second (L, S) map per head is fresh memory
         # whose page faults cost more than the softmax (CUDA's caching
-        # allocator has no such cost).
+        # allocator has no such cost). A compiled graph plans its own buffers.
         weights = torch.softmax(scores, dim=-1, out=scores)
     else:
         weights = torch.softmax(scores, dim=-1)
     if dead_rows is not None:
         weights = weights.masked_fill_(dead_rows, 0)
     return weights.to(query.dtype)
+
+
+# Module attributes that give the number of heads, for a 3-D (B*H, Q, K) softmax.
+_HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+
+def softmax_probabilities(
+    args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any, module: nn.Module
+) -> Optional[torch.Tensor]:
+    """The (B, H, Q, K) attention a softmax call formed, detached, or None if it is not one.
+
+    A softmax over the last axis of a 4-D tensor is taken as it is; of a 3-D
+    (B*H, Q, K) tensor when `module` (the module running) says its number of heads.
+    """
+    if not isinstance(output, torch.Tensor):
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None or output.dim() not in (3, 4) or dim not in (-1, output.dim() - 1):
+        return None
+    if output.dim() == 3:
+        heads = _head_count(module)
+        if heads is None or output.shape[0] % heads:
+            return None
+        output = output.reshape(output.shape[0] // heads, heads, *output.shape[1:])
+    return output.detach()
+
+
+def _head_count(module: nn.Module) -> Optional[int]:
+    """The number of heads a module says it has, or None."""
+    for name in _HEAD_COUNT_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _with_ndim(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -445,6 +480,68 @@ def multi_head_weights(
             padding = F.pad(padding, (0, keys - padding.shape[-1]))
             mask = padding if mask is None else mask + padding
         return sdpa_call_weights(q, k, mask, False, None, False, request, where)
+
+
+def functional_multi_head_weights(
+    args: Tuple[Any, ...],
+    kwargs: Dict[str, Any],
+    request: WeightsRequest,
+    where: str,
+) -> torch.Tensor:
+    """`multi_head_weights` of an `F.multi_head_attention_forward(*args, **kwargs)` call."""
+    a = _bind_multi_head_arguments(*args, **kwargs)
+    separate = a["use_separate_proj_weight"]
+    return multi_head_weights(
+        a["query"],
+        a["key"],
+        a["num_heads"],
+        a["in_proj_weight"],
+        a["in_proj_bias"],
+        a["bias_k"],
+        a["add_zero_attn"],
+        a["key_padding_mask"],
+        a["attn_mask"],
+        a["q_proj_weight"] if separate else None,
+        a["k_proj_weight"] if separate else None,
+        a["static_k"],
+        request,
+        where,
+    )
+
+
+def _bind_multi_head_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    embed_dim_to_check: int,
+    num_heads: int,
+    in_proj_weight: Optional[torch.Tensor],
+    in_proj_bias: Optional[torch.Tensor],
+    bias_k: Optional[torch.Tensor],
+    bias_v: Optional[torch.Tensor],
+    add_zero_attn: bool,
+    dropout_p: float,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: Optional[torch.Tensor],
+    training: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    need_weights: bool = True,
+    attn_mask: Optional[torch.Tensor] = None,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Optional[torch.Tensor] = None,
+    k_proj_weight: Optional[torch.Tensor] = None,
+    v_proj_weight: Optional[torch.Tensor] = None,
+    static_k: Optional[torch.Tensor] = None,
+    static_v: Optional[torch.Tensor] = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> Dict[str, Any]:
+    """A call's arguments by `F.multi_head_attention_forward`'s own signature, by name.
+
+    A plain function rather than `inspect.Signature.bind`, so that Dynamo
+    traces it inside a compiled graph.
+    """
+    return dict(locals())
 
 
 def module_weights(

@@ -1,0 +1,341 @@
+"""capture_attention on torch.compile'd models: recorded from the compiled graphs.
+
+What is checked, against oracles that do not go through the recorder: maps
+equal the weights computed by hand from each block's own projections (or the
+model's own `need_weights` / `output_attentions` weights); the captured run has
+the graphs and graph breaks of the uncaptured one; recording started and
+stopped again and again compiles once; outputs are the uncaptured compiled
+outputs. The backends are Dynamo's `eager` and `aot_eager` (cheap) and inductor
+on the CPU (slow to compile on a small machine: a few tests only).
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+from torch.testing import assert_close  # noqa: E402
+
+from examples.toy_vit import VisionTransformer  # noqa: E402
+from tests.test_attention import by_hand as attention_by_hand  # noqa: E402
+from visualizer import capture_attention, get_local  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6),
+    reason="recording inside compiled graphs needs torch >= 2.6",
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    counters.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only add noise on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_vit(fused, depth=2):
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=(16, 24), patch_size=4, dim=32, depth=depth, num_heads=4, fused=fused
+    ).eval()
+
+
+IMAGES_SHAPE = (2, 3, 16, 24)  # 24 patches + CLS = 25 tokens
+
+
+def by_hand(model, images):
+    """Each block's softmax(q kᵀ scale), from its own projections and its input, eagerly."""
+    return {f"blocks.{i}.attn": m for i, m in enumerate(attention_by_hand(model, images))}
+
+
+def graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+def graph_breaks():
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize(
+    "backend,fused",
+    [
+        ("eager", False),
+        ("eager", True),
+        ("aot_eager", False),
+        ("aot_eager", True),
+    ],
+)
+def test_compiled_maps_equal_the_weights_computed_by_hand(backend, fused):
+    model = toy_vit(fused)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = by_hand(model, images)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        plain = compiled(images)
+        compiled_before = graphs()
+        with capture_attention(compiled) as maps:
+            output = compiled(images)
+        # Recorded by compiled code: one new graph, traced with the recording in it.
+        assert graphs() == compiled_before + 1
+        assert torch.equal(output, plain)
+        compiled(images)
+    assert graphs() == compiled_before + 1  # after stop: the uncaptured graph again
+    assert list(maps) == list(expected)
+    for key, want in expected.items():
+        assert len(maps[key]) == 1
+        assert_close(torch.as_tensor(maps[key][0]), want, rtol=0, atol=1e-5)
+
+
+def test_multihead_attention_maps_equal_its_own_weights():
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model, x = Encoder().eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        _, expected = model.attn(x, x, x, need_weights=True, average_attn_weights=False)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with capture_attention(compiled, heads=[0, 2]) as maps:
+            compiled(x)
+    assert list(maps) == ["attn"]
+    assert_close(torch.as_tensor(maps["attn"][0]), expected[:, [0, 2]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_transformers_bert_maps_equal_its_output_attentions(implementation):
+    pytest.importorskip("transformers")
+    from tests import hf_models
+
+    case = hf_models.CASES["bert"]
+    inputs = case.inputs()
+    with torch.no_grad():
+        expected = hf_models.reference_attentions(case, case.build("eager"), inputs)
+        model = case.build(implementation)
+        compiled = torch.compile(model, backend="aot_eager")
+        compiled(**inputs)
+        with capture_attention(compiled, rows=0) as maps:
+            compiled(**inputs)
+    assert graph_breaks() == 0
+    assert list(maps) == list(expected)
+    for key, (want,) in expected.items():
+        assert_close(torch.as_tensor(maps[key][0]), want[:, :, :1], rtol=0, atol=1e-5)
+
+
+def test_no_graph_break_is_added_and_fullgraph_compiles():
+    model = toy_vit(fused=True)
+    images = torch.randn(IMAGES_SHAPE)
+    with torch.no_grad():
+        plain = torch._dynamo.explain(model)(images)
+        with capture_attention(model, rows=0) as maps:
+            captured = torch._dynamo.explain(model)(images)
+        assert (captured.graph_count, captured.graph_break_count) == (
+            plain.graph_count,
+            plain.graph_break_count,
+        ) == (1, 0)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with capture_attention(compiled, rows=0) as maps:
+            compiled(images)
+    assert len(maps) == 2
+
+
+class BreaksBetweenBlocks(nn.Module):
+    """A model with a graph break of its own, between its two blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = toy_vit(fused=False)
+
+    def forward(self, images):
+        x = self.vit.patch_embed(images).flatten(2).transpose(1, 2) + self.vit.pos_embed
+        x = self.vit.blocks[0](torch.cat([self.vit.cls_token.expand(2, -1, -1), x], dim=1))
+        torch._dynamo.graph_break()
+        return self.vit.blocks[1](x)
+
+
+def test_a_models_own_graph_break_stays_the_only_one():
+    model = BreaksBetweenBlocks().eval()
+    images = torch.randn(IMAGES_SHAPE)
+    with torch.no_grad():
+        plain = torch._dynamo.explain(model)(images)
+        with capture_attention(model) as maps:
+            captured = torch._dynamo.explain(model)(images)
+    assert (captured.graph_count, captured.graph_break_count) == (
+        plain.graph_count,
+        plain.graph_break_count,
+    ) == (2, 1)
+    assert list(maps) == ["vit.blocks.0.attn", "vit.blocks.1.attn"]
+
+
+def test_recording_started_and_stopped_every_few_steps_compiles_once():
+    model = toy_vit(fused=True)
+    images = torch.randn(IMAGES_SHAPE)
+    compiled = torch.compile(model, backend="eager")
+    recorder = capture_attention(compiled, rows=0)
+    recorded_steps = 0
+    with torch.no_grad():
+        for step in range(100):
+            if step == 20:  # both graphs exist from here on: no compilation at all
+                settled = graphs()
+            if step % 10 == 5:  # a block of its own, with a new recorder
+                with capture_attention(compiled, rows=0) as maps:
+                    compiled(images)
+                assert [len(entries) for entries in maps.values()] == [1, 1]
+            elif step % 10 == 0:
+                recorder.start()
+                compiled(images)
+                recorder.stop()
+                recorded_steps += 1
+            else:
+                compiled(images)
+    assert graphs() == settled == 2
+    assert [len(entries) for entries in recorder.maps.values()] == [recorded_steps] * 2
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_captured_training_step_gives_the_compiled_outputs_and_gradients(backend):
+    model = toy_vit(fused=False, depth=1).train()
+    images = torch.randn(IMAGES_SHAPE)
+    compiled = torch.compile(model, backend=backend)
+
+    def step():
+        model.zero_grad()
+        output = compiled(images)
+        output.square().mean().backward()
+        return output.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected = by_hand(model, images)
+    plain_output, plain_grads = step()
+    with capture_attention(compiled, rows=0) as maps:
+        output, grads = step()
+    assert torch.equal(output, plain_output)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    assert list(maps) == list(expected)
+    for key, want in expected.items():
+        assert len(maps[key]) == 1
+        assert_close(torch.as_tensor(maps[key][0]), want[:, :, :1], rtol=0, atol=1e-5)
+
+
+class VariableLength(nn.Module):
+    """Self-attention over sequences of any length, through SDPA with a causal mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(16, 48)
+        self.num_heads = 2
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(batch, tokens, 16)
+
+
+def test_dynamic_shapes_with_changing_sequence_lengths():
+    model = nn.Sequential(VariableLength(), VariableLength()).eval()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    lengths = [5, 7, 9, 6]
+    with torch.no_grad():
+        sequences = [torch.randn(2, n, 16) for n in lengths]
+        expected = []
+        for x in sequences:
+            first = model[0].qkv(x).reshape(2, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+            scores = (first[0] @ first[1].transpose(-2, -1)) / 8**0.5
+            expected.append(scores.masked_fill(~mask, float("-inf")).softmax(-1))
+        compiled(sequences[0])
+        with capture_attention(compiled) as maps:
+            for x in sequences:
+                compiled(x)
+    assert graphs() == 2  # one dynamic graph uncaptured, one captured: none per length
+    assert [tuple(m.shape) for m in maps["0"]] == [(2, 2, n, n) for n in lengths]
+    for got, want in zip(maps["0"], expected):
+        assert_close(torch.as_tensor(got), want, rtol=0, atol=1e-5)
+
+
+def test_selected_rows_never_form_the_full_map_in_the_graph():
+    model = toy_vit(fused=True)
+    images = torch.randn(IMAGES_SHAPE)
+    tokens = 25
+    shapes = []
+
+    def backend(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                shapes.append(tuple(value.shape))
+        return graph_module.forward
+
+    expected = by_hand(model, images)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad(), capture_attention(compiled, rows=0, heads=[1, 3]) as maps:
+        compiled(images)
+    assert (2, 2, 1, tokens) in shapes  # the selected weights were computed in the graph
+    assert not [shape for shape in shapes if shape[-2:] == (tokens, tokens)]
+    for key, want in expected.items():
+        assert_close(torch.as_tensor(maps[key][0]), want[:, [1, 3], :1], rtol=0, atol=1e-5)
+
+
+# Said once per process, when Dynamo compiled anything before: tested in test_capture_torch.
+@pytest.mark.filterwarnings(
+    "ignore:get_local. capture was switched while torch.compile'd code existed:RuntimeWarning"
+)
+def test_get_local_switched_on_makes_compiled_code_run_eagerly_and_says_why():
+    model = toy_vit(fused=False)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = by_hand(model, images)
+    with torch.no_grad(), get_local.capture():
+        compiled = torch.compile(model, backend="eager")
+        compiled(images)
+        compiled_before = graphs()
+        with pytest.warns(RuntimeWarning, match=r"runs eagerly while recording: .*get_local"):
+            with capture_attention(compiled) as maps:
+                compiled(images)
+    assert graphs() == compiled_before  # forced eager: nothing compiled for the recording
+    for key, want in expected.items():
+        assert_close(torch.as_tensor(maps[key][0]), want, rtol=0, atol=1e-5)
+
+
+def test_a_recorded_compiled_model_can_be_freed():
+    import gc
+    import weakref
+
+    model = toy_vit(fused=True, depth=1)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), capture_attention(compiled, rows=0) as maps:
+        compiled(torch.randn(IMAGES_SHAPE))
+    assert len(maps) == 1
+    alive = weakref.ref(model)
+    del model, compiled
+    torch._dynamo.reset()  # compiled code holds the model
+    gc.collect()
+    assert alive() is None
+
+
+def test_another_thread_runs_the_uncaptured_graph_while_recording():
+    import threading
+
+    model = toy_vit(fused=True, depth=1)
+    images = torch.randn(IMAGES_SHAPE)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        plain = compiled(images)
+        outputs = []
+        with capture_attention(compiled, rows=0) as maps:
+            worker = threading.Thread(target=lambda: outputs.append(compiled(images)))
+            worker.start()
+            worker.join()
+            compiled(images)
+    # The recording is on the starting thread's mode stack: only its call recorded.
+    assert torch.equal(outputs[0], plain)
+    assert [len(entries) for entries in maps.values()] == [1]

@@ -1,0 +1,249 @@
+"""Recording from inside torch.compile'd graphs: maps leave the graph through one custom op.
+
+How capture_attention records a compiled model, and why this way (measured on
+torch 2.13, backends eager, aot_eager and inductor on the CPU):
+
+- A `GraphMode` (a TorchFunctionMode) sits on the thread's mode stack while
+  recording. Dynamo guards compiled code on that stack, so the first call
+  after start recompiles once with the mode traced into the graph; after stop
+  the stack matches the uncaptured entry again and that code runs, with no
+  recompilation either way from then on (both entries stay in Dynamo's cache).
+- Forward pre/post hooks on the selected modules keep a stack of module paths.
+  Dynamo traces them like the model's own code, so at trace time the mode
+  reads the path of the module running as a constant: which module owns a map
+  is decided once, at compile time, and costs nothing per step.
+- For a softmax over (B, H, Q, K) the mode passes the probabilities (the
+  selected rows and heads only); for `F.scaled_dot_product_attention` it adds
+  the weights' computation beside the kernel, which never forms them, so the
+  compiler schedules and fuses that work with the rest of the graph.
+- Each map leaves the graph through `visualizer::record`, a
+  `torch.library.custom_op` that returns nothing and is registered as having a
+  side effect (otherwise AOT autograd and inductor drop a node nobody uses).
+  Its eager implementation hands the tensor to the recorder's sink, which
+  copies it into the store: the graph's own buffers are never kept.
+
+Rejected: Dynamo's `reorderable_logging_functions` (a registered function's
+call is deferred until after the graph, its tensors made graph outputs).
+Called from the model's own code it works, but calls made from a hook or from
+a torch function mode's handler are dropped: nothing was recorded. Forcing
+eager execution (Dynamo's `force_eager` stance) stays for what cannot be done
+in the graph: see `attention.py`.
+"""
+
+import itertools
+import threading
+import weakref
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import _torch_internals
+from .weights import (
+    CheckedSelection,
+    WeightsRequest,
+    bind_sdpa_arguments,
+    functional_multi_head_weights,
+    sdpa_call_weights,
+    select_weights,
+    softmax_probabilities,
+    unpack_grouped_query,
+)
+
+# Told (module path, map) for each map a compiled graph hands out.
+Sink = Callable[[str, torch.Tensor], None]
+
+_SOFTMAX_FUNCTIONS = frozenset(
+    {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
+)
+
+# Sinks by the number a graph carries as a constant: a graph outliving its
+# recorder finds none and records nothing.
+_SINKS: Dict[int, Sink] = {}
+_SINKS_LOCK = threading.Lock()
+_NUMBERS = itertools.count(1)
+
+# One GraphMode per model and selection, so that Dynamo's guard on the mode
+# stack (which holds the mode object itself) matches the graphs an earlier
+# recorder of the same model and selection compiled: they are reused, never
+# compiled again.
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, GraphMode]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def available() -> Optional[str]:
+    """None when this torch can record inside compiled graphs, else what it lacks."""
+    missing = _torch_internals.in_graph_capture_missing()
+    if missing is None:
+        _register_op()
+    return missing
+
+
+_OP: Optional[Any] = None
+
+
+def _register_op() -> None:
+    global _OP
+    if _OP is not None:
+        return
+
+    @torch.library.custom_op("visualizer::record", mutates_args=())
+    def record(weights: torch.Tensor, path: str, sink: int) -> None:
+        receiver = _SINKS.get(sink)
+        if receiver is not None:
+            receiver(path, weights)
+
+    @record.register_fake
+    def _(weights: torch.Tensor, path: str, sink: int) -> None:
+        return None
+
+    _torch_internals.mark_side_effect(torch.ops.visualizer.record.default)
+    _OP = torch.ops.visualizer.record
+
+
+def shared_mode(
+    model: nn.Module,
+    paths: Dict[str, nn.Module],
+    selected: Collection[str],
+    rows: CheckedSelection,
+    heads: CheckedSelection,
+    who: str,
+) -> "GraphMode":
+    """The GraphMode of `model` for this selection: made once, then the same object."""
+    key = (tuple(selected), repr(rows), repr(heads))
+    modes = _SHARED.setdefault(model, {})
+    if key not in modes:
+        modes[key] = GraphMode(paths, selected, rows, heads, who)
+    return modes[key]
+
+
+class GraphMode(TorchFunctionMode):
+    """Adds the recording of attention to the graphs Dynamo traces while it is on the stack.
+
+    Outside tracing it runs every call unchanged and does nothing else: eager
+    models are recorded by `capture_attention`'s own hooks.
+    """
+
+    def __init__(
+        self,
+        paths: Dict[str, nn.Module],
+        selected: Collection[str],
+        rows: CheckedSelection,
+        heads: CheckedSelection,
+        who: str,
+    ) -> None:
+        super().__init__()
+        # Weak: the registry of shared modes must not keep the model alive.
+        self.modules = {path: weakref.ref(paths[path]) for path in selected}
+        self.request = WeightsRequest(rows, heads, who)  # no pool: the graph plans its buffers
+        self.sink = next(_NUMBERS)
+        # Paths of the selected modules running, innermost last: read at trace time.
+        self.stack: List[str] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if torch.compiler.is_compiling() and self.stack:
+            if func is F.scaled_dot_product_attention:
+                self._sdpa(args, kwargs)
+            elif func is F.multi_head_attention_forward:
+                self._multi_head(args, kwargs)
+            elif func in _SOFTMAX_FUNCTIONS:
+                self._softmax(args, kwargs, output)
+        return output
+
+    def _softmax(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        path = self.stack[-1]
+        probabilities = softmax_probabilities(args, kwargs, output, self._module(path))
+        if probabilities is None:
+            return
+        weights = select_weights(
+            probabilities, self.request.rows, self.request.heads, where=_where(path),
+            who=self.request.who,
+        )
+        self._record(path, weights)
+
+    def _sdpa(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        query, key, attn_mask, _, is_causal, scale, enable_gqa = bind_sdpa_arguments(
+            *args, **kwargs
+        )
+        if query.dim() < 3:
+            return
+        path = self.stack[-1]
+        query, attn_mask, enable_gqa = unpack_grouped_query(
+            self._module(path), query, key, attn_mask, enable_gqa
+        )
+        weights = sdpa_call_weights(
+            query.detach(),
+            key.detach(),
+            attn_mask,
+            is_causal,
+            scale,
+            enable_gqa,
+            self.request,
+            _where(path),
+        )
+        self._record(path, weights)
+
+    def _multi_head(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        path = self.stack[-1]
+        weights = functional_multi_head_weights(args, kwargs, self.request, _where(path))
+        self._record(path, weights)
+
+    def _module(self, path: str) -> nn.Module:
+        module = self.modules[path]()
+        assert module is not None, "a model that runs is alive"
+        return module
+
+    def _record(self, path: str, weights: torch.Tensor) -> None:
+        assert _OP is not None, "available() registers the op before a mode is made"
+        _OP(weights, path, self.sink)
+
+    # -- the hooks Dynamo traces ------------------------------------------
+
+    def put_hooks(self, handles: List[Any]) -> None:
+        """Put the path-stack hooks on the selected modules, each handle into `handles` at once
+        (a start interrupted half way takes off the ones already on)."""
+        for path in self.modules:
+            module = self._module(path)
+            if isinstance(module, (nn.Softmax, torch.jit.ScriptModule)):
+                continue
+            handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
+            handles.append(module.register_forward_hook(self._exit_hook))
+
+    def _enter_hook(self, path: str) -> Callable[[nn.Module, Any], None]:
+        stack = self.stack
+
+        def enter(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():
+                stack.append(path)
+
+        return enter
+
+    def _exit_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling() and self.stack:
+            self.stack.pop()
+
+    # -- the sink ---------------------------------------------------------
+
+    def connect(self, sink: Sink) -> None:
+        with _SINKS_LOCK:
+            _SINKS[self.sink] = sink
+
+    def disconnect(self) -> None:
+        with _SINKS_LOCK:
+            _SINKS.pop(self.sink, None)
+        del self.stack[:]
+
+
+def _where(path: str) -> str:
+    return f"the attention computed in module {path!r}"
