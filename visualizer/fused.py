@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from ._compat import PY311
 from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
-from ._warnings import WarnOnce, warn_user
+from ._warnings import WarnOnce, raise_pending, warn_user
 from .capture import GetLocal, get_local
 from .policy import StorageDType, StoragePolicy
 from .snapshot import snapshot
@@ -157,6 +157,7 @@ class SdpaCapture:
         self._threads.recording = recording
         with self._lock:
             self._recordings.add(recording)
+        raise_pending()
 
     def deactivate(self) -> None:
         """Stop recording, in every thread; SDPA calls run exactly as without this library.
@@ -170,6 +171,7 @@ class SdpaCapture:
         for recording in recordings:
             self._retire(recording)
         self._switch_off_here()
+        raise_pending()
 
     def _switch_off_here(self) -> None:
         """Stop recording in this thread only (the end of a capture() block)."""
@@ -255,6 +257,7 @@ class SdpaCapture:
                     self.activate(*saved)
                 else:
                     self._switch_off_here()
+        raise_pending()
 
     @property
     def cache(self) -> Dict[str, List[Any]]:
