@@ -13,11 +13,7 @@ test_handover.py, test_portable.py.)
 """
 import gc
 import pickle
-import subprocess
-import sys
-import textwrap
 import threading
-import tracemalloc
 import warnings
 import weakref
 
@@ -30,6 +26,8 @@ F = torch.nn.functional
 
 from visualizer import capture_attention, get_local  # noqa: E402
 from visualizer.fused import sdpa_capture  # noqa: E402
+
+from .core.isolation import defined, shape_loaded_elsewhere, traced_growth  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -79,17 +77,10 @@ def inputs(seed=0, shape=(1, 2, 5, 4)):
 # -- 1. nothing leaks ---------------------------------------------------------
 
 
-def _defined(source, **names):
-    """The namespace `source` defines: its code objects belong to nothing else."""
-    namespace = dict(names, __name__="reliability_case")
-    exec(compile(textwrap.dedent(source), "<reliability case>", "exec"), namespace)
-    return namespace
-
-
 @pytest.mark.parametrize("active", [False, True], ids=["off", "on"])
 def test_a_forward_that_makes_a_decorated_helper_frees_it_and_its_activation(active):
     kept, codes = [], []
-    namespace = _defined(
+    namespace = defined(
         """
         class WithHelper(nn.Module):
             def forward(self, x):
@@ -139,14 +130,7 @@ def test_a_thousand_capture_clear_cycles_of_a_model_run_in_constant_memory():
     cycles(50)
     gc.collect()
     objects = len(gc.get_objects())
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        cycles(1000)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(lambda: cycles(1000))
     assert grown < 256 * 1024, f"1,000 capture/clear cycles kept {grown} bytes"
     assert len(gc.get_objects()) - objects < 500
 
@@ -271,29 +255,14 @@ def test_capture_attention_started_and_stopped_from_eight_threads_at_once():
 # -- 8. a drop-in for the original ----------------------------------------------
 
 
-LOAD_WITHOUT_THE_PACKAGE = """
-import pickle, sys
-sys.modules["visualizer"] = None  # import visualizer now raises ImportError
-with open(sys.argv[1], "rb") as file:
-    loaded = pickle.load(file)
-print(type(loaded).__name__, sorted((k, type(v).__name__, [type(e).__name__ for e in v])
-                                    for k, v in loaded.items()))
-"""
-
-
 def test_pickled_attention_maps_load_as_a_plain_dict_without_the_package(tmp_path):
     model = Blocks()
     with capture_attention(model, max_entries=1) as maps:
         model(inputs())
-    path = tmp_path / "maps.pkl"
-    path.write_bytes(pickle.dumps(maps))
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_THE_PACKAGE, str(path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, f"loading without visualizer failed: {done.stderr[-800:]}"
-    assert done.stdout.strip() == (
-        "dict [('blocks.0', 'list', ['ndarray']), ('blocks.1', 'list', ['ndarray'])]"
-    )
-    loaded = pickle.loads(path.read_bytes())
+    array = "numpy.ndarray"
+    assert shape_loaded_elsewhere(tmp_path, maps) == {
+        "dict": {"blocks.0": {"list": [array]}, "blocks.1": {"list": [array]}}
+    }
+    loaded = pickle.loads(pickle.dumps(maps))
+    assert type(loaded) is dict and type(loaded["blocks.1"]) is list
     np.testing.assert_array_equal(loaded["blocks.1"][0], maps["blocks.1"][0])

@@ -157,11 +157,10 @@ class _InstrumentedCode:
         )
 
 
-class _RecorderSlot:
-    """Where a template's code loads its recorder (see _InstrumentedCode)."""
-
-
-_RECORDER_SLOT = _RecorderSlot()
+def _RECORDER_SLOT(*values: Any) -> None:
+    """Where a template's code loads its recorder (see _InstrumentedCode); never run:
+    every installation replaces it with its own recorder."""
+    raise VisualizerError("get_local: instrumented code ran without its recorder")
 
 
 class GetLocal:

@@ -7,11 +7,11 @@ or off. Checked with weakrefs and tracemalloc, never with timings.
 """
 import gc
 import importlib
-import textwrap
-import tracemalloc
 import weakref
 
 import pytest
+
+from .isolation import defined, traced_growth
 
 
 class Payload:
@@ -23,20 +23,13 @@ def _dead(refs):
     return [ref for ref in refs if ref() is not None]
 
 
-def _defined(source, **names):
-    """The namespace `source` defines: its code objects belong to nothing else."""
-    namespace = dict(names, __name__="lifetime_case")
-    exec(compile(textwrap.dedent(source), "<lifetime case>", "exec"), namespace)
-    return namespace
-
-
 @pytest.mark.parametrize("active", [False, True], ids=["off", "on"])
 @pytest.mark.parametrize("with_select", [False, True], ids=["plain", "select"])
 def test_a_nested_decorated_function_and_what_it_closes_over_are_freed(gl, active, with_select):
     if active:
         gl.activate()
     refs, codes = [], []
-    namespace = _defined(
+    namespace = defined(
         """
         def forward(x):
             payload = Payload()
@@ -132,16 +125,12 @@ def test_ten_thousand_decorate_call_drop_cycles_run_in_constant_memory(gl, with_
     gl.activate()
     _cycles(gl, 1000, with_select)  # warm: caches, free lists
     gl.clear()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+
+    def work():
         _cycles(gl, 10_000, with_select)
         gl.clear()  # the entries themselves (ints) are what the user asked to keep
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+
+    grown = traced_growth(work)
     # A leak of one function, or one instrumented code object, per cycle is over 1 MB.
     assert grown < 64 * 1024, f"10,000 decorate/call/drop cycles kept {grown} bytes"
 
@@ -161,13 +150,5 @@ def test_a_thousand_capture_clear_cycles_run_in_constant_memory(gl):
             gl.clear()
 
     cycles(100)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        cycles(1000)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(lambda: cycles(1000))
     assert grown < 64 * 1024, f"1,000 capture/clear cycles kept {grown} bytes"

@@ -1,44 +1,12 @@
 """A drop-in for the original: a pickled cache loads where this package is not
 installed, and reading a just-cleared cache says nothing."""
 import pickle
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import numpy as np
 import pytest
 
-# Loads a pickle with this package unimportable, then describes what it holds.
-LOAD_WITHOUT_THE_PACKAGE = textwrap.dedent(
-    """
-    import pickle, sys
-    sys.modules["visualizer"] = None  # import visualizer now raises ImportError
-    with open(sys.argv[1], "rb") as file:
-        loaded = pickle.load(file)
-
-    def describe(value):
-        if isinstance(value, dict):
-            return {type(value).__name__: {k: describe(v) for k, v in value.items()}}
-        if isinstance(value, list):
-            return {"list": [describe(v) for v in value]}
-        return type(value).__module__ + "." + type(value).__name__
-
-    print(repr(describe(loaded)))
-    """
-)
-
-
-def load_elsewhere(tmp_path, value):
-    path = tmp_path / "cache.pkl"
-    path.write_bytes(pickle.dumps(value))
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_THE_PACKAGE, str(path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, f"loading without visualizer failed: {done.stderr[-800:]}"
-    return eval(done.stdout)  # noqa: S307 - the repr of plain dicts, lists and strings
-
+from .isolation import shape_loaded_elsewhere
 
 def test_a_pickled_cache_loads_as_plain_dicts_and_lists_without_the_package(gl, tmp_path):
     @gl("attn")
@@ -59,7 +27,7 @@ def test_a_pickled_cache_loads_as_plain_dicts_and_lists_without_the_package(gl, 
             two_names(call)
     cache = gl.cache
     array = "numpy.ndarray"
-    assert load_elsewhere(tmp_path, cache) == {"dict": {
+    assert shape_loaded_elsewhere(tmp_path, cache) == {"dict": {
         attention.__qualname__: {"list": [array, array]},
         two_names.__qualname__: {"list": [{"dict": {"attn": array, "q": array}}] * 2},
     }}
