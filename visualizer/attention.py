@@ -71,7 +71,7 @@ from ._errors import VisualizerError
 from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
 from ._torch_internals import push_mode
-from ._warnings import WarnOnce, warn_user
+from ._warnings import WarnOnce, raise_pending, warn_user
 from .capture import get_local
 from .maps import AttentionMaps, Globs, MapEntry, matching, module_globs
 from .policy import MISSING, StorageDType, StoragePolicy
@@ -263,6 +263,7 @@ class AttentionRecorder:
             self._here = captures_here(self._ranks, _WHO)
             if self._here:
                 self._put_on()
+            raise_pending()  # a handover point: what the warning filters made errors
         except BaseException:
             # A start that fails part way (a warning turned into an error, a
             # hook that cannot be put on) leaves nothing on the model and the
@@ -315,6 +316,7 @@ class AttentionRecorder:
     def stop(self) -> None:
         """Take the hooks off; warn if the model ran and no attention was captured."""
         self._stop(warn_if_empty=True)
+        raise_pending()
 
     def _stop(self, warn_if_empty: bool) -> None:
         started, self._started = self._started, False
@@ -368,6 +370,8 @@ class AttentionRecorder:
     ) -> None:
         # An error in the block says enough: no "nothing captured" on top of it.
         self._stop(warn_if_empty=exc_type is None)
+        if exc_type is None:
+            raise_pending()
 
     def _record_compiled_code(self, inside_encoder_layers: Set[int]) -> None:
         """Record compiled code from its graphs where it can; else make it run eagerly.
@@ -473,7 +477,7 @@ class AttentionRecorder:
                 frame.graph_suspended = remove_mode(self._graph)
         key = self._decorated.get(id(module))
         if key is not None:
-            frame.decorated_start = len(get_local.cache.get(key, ()))
+            frame.decorated_start = len(get_local.store.cache.get(key, ()))
         frames.append(frame)
 
     def _exit_hook(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> None:
@@ -677,7 +681,7 @@ class AttentionRecorder:
                 "(get_local.activate()) and capture_attention records what it captures",
             )
             return
-        for entry in get_local.cache.get(key, [])[frame.decorated_start :]:
+        for entry in get_local.store.cache.get(key, [])[frame.decorated_start :]:
             value = next(iter(entry.values())) if isinstance(entry, dict) else entry
             if getattr(value, "ndim", None) == 4:
                 value = torch.as_tensor(value)

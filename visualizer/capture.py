@@ -16,7 +16,6 @@ instrumented copy (see `_rewrite`); deactivation swaps the original back. So
 capture can be switched at any time, every existing reference to the function
 sees the switch, and a deactivated function runs its own code at no cost.
 """
-import collections
 import contextlib
 import copyreg
 import multiprocessing
@@ -43,7 +42,7 @@ from ._errors import VisualizerError
 from ._pool import BufferPool
 from ._ranks import Ranks, captures_here, validate_ranks
 from ._rewrite import FastPath, instrument, local_names
-from ._warnings import WarnOnce
+from ._warnings import WarnOnce, raise_pending
 from .policy import MISSING, NOT_CAPTURED, StoragePolicy
 from .snapshot import IMMUTABLE_TYPES, own_storage, snapshot
 from .store import Cache, CaptureCache, CaptureStore, FastSink, Scope
@@ -53,9 +52,6 @@ Decorated = TypeVar("Decorated")
 Select = Union[Callable[[Any], Any], Mapping[str, Callable[[Any], Any]], None]
 
 _MAX_WRAPPED_DEPTH = 100
-# Instrumented code objects kept for reuse (nested functions are re-created on
-# every call of their outer function and re-decorated with them).
-_MAX_INSTRUMENTED = 512
 
 # What keep() returns for a value that is not a new call's value: captured while
 # autograd's backward re-runs a forward (activation checkpointing), or under a
@@ -69,10 +65,16 @@ _checked_process: list = [None]
 
 
 class _Registration:
-    """One decorated function: where its code lives and what to capture."""
+    """One decorated function: where its code lives and what to capture.
+
+    It holds no reference to its function: the registry maps functions to
+    registrations weakly, and a registration that held its function would keep
+    every decorated function, and all it closes over, alive for ever.
+    """
 
     __slots__ = (
-        "target", "key", "names", "select", "original_code", "installed_code", "marked_for_dynamo"
+        "key", "names", "select", "module", "original_code", "installed_code", "counted",
+        "marked_for_dynamo",
     )
 
     def __init__(
@@ -82,25 +84,26 @@ class _Registration:
         names: Tuple[str, ...],
         select: Dict[str, Callable[[Any], Any]],
     ) -> None:
-        self.target = target
         self.key = key
         self.names = names
         self.select = select
+        self.module = target.__module__
         self.original_code = target.__code__
         self.installed_code: Optional[types.CodeType] = None  # while it is installed
+        self.counted = False  # whether the installed code counts appends (see _install)
         # Whether activation put Dynamo's skip marker on the function (a marker
         # the user put there is theirs, and stays).
         self.marked_for_dynamo = False
 
-    def current_code(self) -> types.CodeType:
-        """The code the function runs uninstrumented: its code now, if replaced since.
+    def current_code(self, target: types.FunctionType) -> types.CodeType:
+        """The code `target` runs uninstrumented: its code now, if replaced since.
 
         Others may replace `__code__` after decorating: IPython's %autoreload
         and editors put the edited function's code in place, `types.coroutine`
         sets a flag on whatever code is there. The current code is the truth,
         so activation instruments it and deactivation restores it.
         """
-        current = self.target.__code__
+        current = target.__code__
         if current is self.original_code or current is self.installed_code:
             return self.original_code
         installed = self.installed_code
@@ -108,6 +111,62 @@ class _Registration:
             # Only flags were changed, on the instrumented copy: carry them over.
             return self.original_code.replace(co_flags=current.co_flags)
         return current
+
+
+class _InstrumentedCode:
+    """Instrumented code per original code, kept no longer than the original lives.
+
+    Nested functions are re-created, and re-decorated, on every call of their
+    outer function; their original code is one constant of the outer
+    function's code. Instrumenting (~0.5 ms) is done once per original code
+    and capture (key, names, fast path), and kept by the original code,
+    weakly: it goes when the outer function, the factory's class or the
+    reloaded module's previous generation goes. Without `select` the code is
+    reused as it is (one code object for every generation, so compiled
+    callers stay valid). With `select` the recorder holds the callables,
+    which may close over a call's values: what is kept is a template whose
+    recorder is a placeholder, and each installation puts its own recorder
+    in (a `replace` of the constants, ~µs), so the callables live exactly as
+    long as a function runs the code.
+    """
+
+    def __init__(self) -> None:
+        # original code -> (key, names, counted, fast) -> template
+        self._templates: "weakref.WeakKeyDictionary[types.CodeType, Dict[Any, types.CodeType]]" = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def code(
+        self,
+        original: types.CodeType,
+        registration: _Registration,
+        recorder: Callable[..., None],
+        fast_path: Optional[FastPath],
+    ) -> types.CodeType:
+        """`original` instrumented to call `recorder` with the registration's names."""
+        counted = fast_path is not None and fast_path.counted
+        token = (registration.key, registration.names, counted, bool(registration.select))
+        templates = self._templates.get(original)
+        template = None if templates is None else templates.get(token)
+        if template is None:
+            # A recorder without select holds nothing of the user's: kept in the code itself.
+            slot = _RECORDER_SLOT if registration.select else recorder
+            template = instrument(original, registration.names, slot, MISSING, fast_path)
+            self._templates.setdefault(original, {})[token] = template
+        if not registration.select:
+            return template
+        return template.replace(
+            co_consts=tuple(
+                recorder if constant is _RECORDER_SLOT else constant
+                for constant in template.co_consts
+            )
+        )
+
+
+def _RECORDER_SLOT(*values: Any) -> None:
+    """Where a template's code loads its recorder (see _InstrumentedCode); never run:
+    every installation replaces it with its own recorder."""
+    raise VisualizerError("get_local: instrumented code ran without its recorder")
 
 
 class GetLocal:
@@ -122,20 +181,20 @@ class GetLocal:
     def __init__(self, pool: Optional[BufferPool] = None) -> None:
         # `pool`: where copies take warm memory (default: the process's BufferPool).
         self._store = CaptureStore(pool)
-        self._active = False
+        # Capture is on while the switch (activate/deactivate) is on or any
+        # capture() block is open, in any thread: blocks are counted, so
+        # overlapping blocks in several threads never switch each other off.
+        self._switch = False
+        self._blocks = 0
+        self._active = False  # instrumented code is installed
+        self._threads = threading.local()  # .blocks: this thread's open capture() blocks
         self._lock = threading.RLock()
         # target function -> _Registration. Weak, so functions created on
         # every call (nested functions) do not pile up.
         self._registrations: "weakref.WeakKeyDictionary[types.FunctionType, _Registration]" = (
             weakref.WeakKeyDictionary()
         )
-        # (original code, key, names, select) -> instrumented code: nested
-        # functions are re-created, and re-decorated, on every call.
-        # A bounded LRU: a nested function re-decorated with a new `select`
-        # lambda on every call would otherwise add an entry per call, forever.
-        self._instrumented: "collections.OrderedDict[Any, types.CodeType]" = (
-            collections.OrderedDict()
-        )
+        self._instrumented = _InstrumentedCode()
         self._warn_once = WarnOnce()
         self._store.on_empty_read = self._warn_not_called
 
@@ -171,13 +230,13 @@ class GetLocal:
                 names = previous.names + tuple(n for n in names if n not in previous.names)
                 select = {**previous.select, **select}
                 key = previous.key
-                target.__code__ = previous.current_code()
+                target.__code__ = previous.current_code(target)
             else:
                 key = self._store.key_for(qualname, target.__module__)
             registration = _Registration(target, key, names, select)
             self._registrations[target] = registration
             if self._active:
-                self._install(registration)
+                self._install(target, registration)
 
     # -- switching --------------------------------------------------------
 
@@ -202,37 +261,50 @@ class GetLocal:
         here = captures_here(validate_ranks(ranks, "get_local"), "get_local")
         with self._lock:
             self._store.policy = policy
-            if here:
-                self._turn_on()
-            else:
-                self.deactivate()
-
-    def _turn_on(self):
-        with self._lock:
-            was_active, self._active = self._active, True
-            if not was_active:
-                self._store.pool.hold()  # copies into the pool follow until deactivate()
-            for registration in list(self._registrations.values()):
-                self._install(registration)
-            self._store.repoint()  # torch may have been loaded since
-        if not was_active:
-            self._forget_compiled_code()
+            self._set_switch(here)
+        self._settle()
+        raise_pending()
 
     def deactivate(self) -> None:
-        """Turn capture off: every decorated function gets its original code back."""
+        """Turn capture off: every decorated function gets its original code back.
+
+        Capture stays on while a `capture()` block is open (in any thread)
+        until the last one exits.
+        """
         with self._lock:
-            was_active, self._active = self._active, False
-            for registration in list(self._registrations.values()):
-                registration.original_code = registration.current_code()
-                registration.target.__code__ = registration.original_code
-                registration.installed_code = None
-                if registration.marked_for_dynamo:
-                    marker = _torch_internals.DYNAMO_DISABLE_ATTRIBUTE
-                    registration.target.__dict__.pop(marker, None)
-                    registration.marked_for_dynamo = False
-            if was_active:
-                self._store.pool.let_go()  # no copies follow
-        if was_active:
+            self._set_switch(False)
+        self._settle()
+        raise_pending()
+
+    def _set_switch(self, on):
+        self._switch = on
+        for block in getattr(self._threads, "blocks", ()):
+            block.switched = True  # its exit restores the switch it found
+
+    def _settle(self):
+        """Install or restore every function's code as the switch and the open blocks say."""
+        with self._lock:
+            on = self._switch or self._blocks > 0
+            changed, self._active = on != self._active, on
+            registrations = list(self._registrations.items())
+            if on:
+                if changed:
+                    self._store.pool.hold()  # copies into the pool follow until capture is off
+                    self._store.cache_switched_on()
+                for target, registration in registrations:
+                    self._install(target, registration)
+                self._store.repoint()  # torch may have been loaded since
+            else:
+                for target, registration in registrations:
+                    registration.original_code = registration.current_code(target)
+                    target.__code__ = registration.original_code
+                    registration.installed_code = None
+                    if registration.marked_for_dynamo:
+                        target.__dict__.pop(_torch_internals.DYNAMO_DISABLE_ATTRIBUTE, None)
+                        registration.marked_for_dynamo = False
+                if changed:
+                    self._store.pool.let_go()  # no copies follow
+        if changed:
             self._forget_compiled_code()
 
     def _forget_compiled_code(self):
@@ -254,6 +326,7 @@ class GetLocal:
             "get_local: capture was switched while torch.compile'd code existed; Dynamo's "
             "compiled code was reset so that it sees the switch, and compiled models "
             "recompile on their next call (warned once)",
+            now=True,
         )
 
     @property
@@ -278,10 +351,14 @@ class GetLocal:
     ) -> Iterator[CaptureCache]:
         """Capture inside a `with` block into a fresh cache, then restore.
 
-        Yields a new dict that receives this block's captures; `get_local.cache`
-        and the previous on/off state and settings are restored on exit, also
-        when the block raises. In a process that `ranks` leaves out, capture
-        is off inside the block and the dict stays empty.
+        Yields a new dict that receives this block's captures (this thread's
+        calls); `get_local.cache` and the settings are restored on exit, also
+        when the block raises. Blocks are counted: capture is on while any
+        block is open in any thread, or while the switch is on, so blocks
+        overlapping in several threads each get all their own thread's calls.
+        An `activate()`/`deactivate()` inside the block sets the switch the
+        block restores on exit. In a process that `ranks` leaves out, the
+        block does not switch capture on.
 
             with get_local.capture() as cache:
                 model(img)
@@ -289,20 +366,23 @@ class GetLocal:
         """
         policy = StoragePolicy(keep_on_device, dtype, max_entries, detach)
         here = captures_here(validate_ranks(ranks, "get_local"), "get_local")
-        was_active = self._active
+        block = _Block(self._switch, counted=here)
         with self._store.scoped(policy) as fresh:
+            with self._lock:
+                self._blocks += block.counted
+                blocks = self._threads.__dict__.setdefault("blocks", [])
+                blocks.append(block)
             try:
-                if here:
-                    self._turn_on()
-                else:
-                    self.deactivate()
+                self._settle()
                 yield fresh
             finally:
-                # Exactly the state on entry, whatever the block switched.
-                if was_active:
-                    self._turn_on()
-                else:
-                    self.deactivate()
+                with self._lock:
+                    blocks.remove(block)
+                    self._blocks -= block.counted
+                    if block.switched:
+                        self._switch = block.switch_on_entry
+                self._settle()
+        raise_pending()
 
     def key_of(self, function: Any) -> Optional[str]:
         """The cache key of a decorated function, or None if it is not decorated.
@@ -331,6 +411,7 @@ class GetLocal:
     @property
     def cache(self) -> CaptureCache:
         """Function key -> list with one entry per call, in call order."""
+        raise_pending()
         return self._store.cache
 
     @cache.setter
@@ -351,6 +432,7 @@ class GetLocal:
     @property
     def dropped(self) -> Dict[str, int]:
         """Function key -> number of entries dropped by `max_entries`."""
+        raise_pending()
         return self._store.dropped
 
     @property
@@ -369,44 +451,34 @@ class GetLocal:
 
     # -- instrumentation --------------------------------------------------
 
-    def _install(self, registration):
+    def _install(self, target, registration):
         self._store.cache.setdefault(registration.key, [])
-        registration.original_code = registration.current_code()
+        registration.original_code = registration.current_code(target)
         # One name and no select: immutable values take the fast path, which
         # counts appends (a bounded cache's `dropped`) if instrumented under a bound.
         fast = len(registration.names) == 1 and not registration.select
         counted = fast and self._store.process_scope.bound is not None
-        cache_key = (
-            registration.original_code,
-            registration.key,
-            registration.names,
-            tuple(registration.select.items()),
-            counted,
-        )
-        code = self._instrumented.get(cache_key)
-        if code is not None:
-            self._instrumented.move_to_end(cache_key)
-        if code is None:
+        if target.__code__ is not registration.installed_code or registration.counted != counted:
+            # Not installed yet (an installed one stays: the same code object, so
+            # compiled callers stay valid).
             recorder = self._make_recorder(registration)
             fast_path = None
             if fast:
                 sink = self._store.fast_sink(registration.key, recorder, counted)
                 fast_path = FastPath(IMMUTABLE_TYPES, sink, counted)
             try:
-                code = instrument(
-                    registration.original_code, registration.names, recorder, MISSING, fast_path
+                code = self._instrumented.code(
+                    registration.original_code, registration, recorder, fast_path
                 )
             except Exception as error:
                 raise VisualizerError(
                     f"get_local: could not instrument {registration.key} to capture "
                     f"{list(registration.names)}: {type(error).__name__}: {error}"
                 ) from error
-            self._instrumented[cache_key] = code
-            if len(self._instrumented) > _MAX_INSTRUMENTED:
-                self._instrumented.popitem(last=False)
-        registration.target.__code__ = code
-        registration.installed_code = code
-        if _run_eagerly_under_compile(registration.target, code):
+            target.__code__ = registration.installed_code = code
+            registration.counted = counted
+        code = target.__code__
+        if _run_eagerly_under_compile(target, code):
             registration.marked_for_dynamo = True
 
     def _make_recorder(self, registration):
@@ -565,11 +637,12 @@ class GetLocal:
         """A user read an empty cache list: say why, if its function is switched on."""
         if not self._active:
             return
-        owners = [r.target for r in list(self._registrations.values()) if r.key == key]
+        with self._lock:  # another thread may be decorating
+            owners = [r for r in self._registrations.values() if r.key == key]
         if not owners:
             return
         hint = ""
-        if owners[0].__module__.startswith("transformers."):
+        if owners[0].module.startswith("transformers."):
             hint = (
                 " transformers 5 loads most models with attn_implementation='sdpa', which never "
                 "calls its eager attention function: load the model with "
@@ -581,6 +654,7 @@ class GetLocal:
             f"get_local: nothing was captured for {key}: it is switched on, but no call of it "
             f"was recorded since capture was switched on or the cache cleared; the code that "
             f"ran most likely did not call it.{hint} (warned once per function)",
+            now=True,
         )
 
     def _warn_missing(self, key, name):
@@ -589,6 +663,17 @@ class GetLocal:
             f"get_local: {name!r} was not bound when {key} returned; its cache entry is "
             "visualizer.MISSING (warned once per function and name)",
         )
+
+
+class _Block:
+    """One open `capture()` block: the switch it found, whether it counts, whether it switched."""
+
+    __slots__ = ("switch_on_entry", "counted", "switched")
+
+    def __init__(self, switch_on_entry: bool, counted: bool) -> None:
+        self.switch_on_entry = switch_on_entry
+        self.counted = int(counted)
+        self.switched = False  # activate()/deactivate() ran in its thread while it was open
 
 
 def _process_get_local():

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from ._compat import PY311
 from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
-from ._warnings import WarnOnce, warn_user
+from ._warnings import WarnOnce, raise_pending, warn_user
 from .capture import GetLocal, get_local
 from .policy import StorageDType, StoragePolicy
 from .snapshot import snapshot
@@ -158,6 +158,7 @@ class SdpaCapture:
         self._threads.recording = recording
         with self._lock:
             self._recordings.add(recording)
+        raise_pending()
 
     def deactivate(self) -> None:
         """Stop recording, in every thread; SDPA calls run exactly as without this library.
@@ -171,6 +172,7 @@ class SdpaCapture:
         for recording in recordings:
             self._retire(recording)
         self._switch_off_here()
+        raise_pending()
 
     def _switch_off_here(self, warn_if_empty: bool = True) -> None:
         """Stop recording in this thread only (the end of a capture() block)."""
@@ -261,6 +263,7 @@ class SdpaCapture:
                     self.activate(*saved)
                 else:
                     self._switch_off_here(warn_if_empty=not raised)
+        raise_pending()
 
     @property
     def cache(self) -> Dict[str, List[Any]]:

@@ -6,6 +6,7 @@ recycle path for cleared maps. Module paths are matched with globs
 (`module_globs`, `matching`).
 """
 
+import copy
 import fnmatch
 from typing import (
     TYPE_CHECKING,
@@ -94,10 +95,18 @@ class AttentionMaps(_MapsBase):
             self.pool.give_back(taken)
 
     def __reduce__(self) -> Tuple[Any, ...]:
-        # A copy (pickled, deep-copied, gathered from another rank) is no
-        # recorder's: plain lists, its drop counts, no pool.
-        entries = {path: list(calls) for path, calls in self.items()}
-        return (AttentionMaps.restored, (entries, self.dropped))
+        # Pickled, the maps are a plain dict of plain lists (as the original
+        # Visualizer's cache): they load wherever numpy (or torch, for tensors)
+        # is installed, this package or not. Drop counts stay behind.
+        return (dict, ({path: list(calls) for path, calls in self.items()},))
+
+    def __copy__(self) -> "AttentionMaps":
+        # A copy is no recorder's: plain lists, its drop counts, no pool.
+        return AttentionMaps.restored(self, self.dropped)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "AttentionMaps":
+        entries = {path: copy.deepcopy(list(calls), memo) for path, calls in self.items()}
+        return AttentionMaps.restored(entries, self.dropped)
 
     def stack(self, modules: Optional[Globs] = None, call: Optional[int] = None) -> MapEntry:
         """The maps of several modules as one (L, B, H, Q, K) array, in key order.

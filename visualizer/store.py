@@ -31,7 +31,7 @@ from typing import (
 
 from . import _torch_internals
 from ._pool import BUFFERS, BufferPool
-from ._warnings import WarnOnce, warn_user
+from ._warnings import WarnOnce, warn_during_call
 from .policy import StoragePolicy
 
 # get_local.cache and scoped caches: key -> one entry per call.
@@ -209,7 +209,8 @@ class Scope:
         with self._lock:
             taken = list(self.cache.values())
             if keep_keys:
-                for key in self.cache:  # a store re-points its fast sinks after this
+                # Over a copy of the keys: other threads' calls may add keys meanwhile.
+                for key in list(self.cache):  # a store re-points its fast sinks after this
                     dict.__setitem__(self.cache, key, self.new_entries())
             else:
                 dict.clear(self.cache)
@@ -223,19 +224,32 @@ class CaptureCache(dict):  # key -> entries of any kind
     An empty list under a function that is switched on is the sign of a
     function that never ran (a model that took another code path); the store's
     `on_empty_read(key)` is told, so the user hears why nothing is there.
+    Not after a clear() that nothing was recorded since, under any key: then
+    nothing known ran since the clear.
+
+    Pickled (or copied), it is a plain dict: a pickle loads where this
+    package is not installed.
     """
 
-    __slots__ = ("_store",)
+    __slots__ = ("_store", "cleared")
 
     def __init__(self, store: "CaptureStore") -> None:
         super().__init__()
         self._store = store
+        self.cleared = False  # clear()ed since capture was switched on
 
     def __getitem__(self, key: str) -> Any:
         entries = dict.__getitem__(self, key)
-        if not entries and self._store.on_empty_read is not None:
+        if (
+            not entries
+            and self._store.on_empty_read is not None
+            and not (self.cleared and not any(dict.values(self)))
+        ):
             self._store.on_empty_read(key)
         return entries
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (dict, (dict.copy(self),))
 
     # Every change of which list a key holds re-points the store's fast sinks
     # (instrumented code appends immutable values straight to the list).
@@ -463,7 +477,7 @@ class CaptureStore:
         if owner == module:
             return qualname
         key = f"{module}.{qualname}"
-        warn_user(
+        warn_during_call(
             f"{who}: {qualname!r} in module {module!r} has the same qualified name as a "
             f"captured function in module {owner!r}; its captures go under {key!r}"
         )
@@ -588,9 +602,18 @@ class CaptureStore:
         New lists are put in place, so lists a user took from the cache keep
         their contents. Arrays nothing else references go back to the pool.
         """
-        taken = self.current().clear()
+        scope = self.current()
+        taken = scope.clear()
+        if isinstance(scope.cache, CaptureCache):
+            scope.cache.cleared = True
         self.repoint()  # first: a sink pointing at an old list references it
         self.pool.give_back(taken)
+
+    def cache_switched_on(self) -> None:
+        """Capture was switched on: an empty list of this thread's cache is news again."""
+        cache = self.current().cache
+        if isinstance(cache, CaptureCache):
+            cache.cleared = False
 
     def _warn_bound(self, key: Hashable, limit: int) -> None:
         self.warn_once(

@@ -234,7 +234,10 @@ def _attention_weights(
         (..., Hq', L', S) weights in the query's dtype.
     """
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if scale is None:
+        # A head dim of 0 makes every score q·kᵀ 0, whatever the scale: SDPA's
+        # 1/sqrt(0) is never applied to a number, so use 1, not a division by zero.
+        scale = 1 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
     num_rows, num_keys = query.shape[-2], key.shape[-2]
     ndim = max(query.dim(), key.dim(), 0 if attn_mask is None else attn_mask.dim())
     q, k = _with_ndim(query, ndim), _with_ndim(key, ndim)
