@@ -47,7 +47,7 @@ def warnings_are_errors():
         yield
 
 
-class Attention(nn.Module):
+class SdpaAttention(nn.Module):
     """SDPA attention over (B, H, N, E) inputs, with dropout while training."""
 
     def __init__(self, dropout=0.0):
@@ -62,7 +62,7 @@ class Attention(nn.Module):
 class Blocks(nn.Module):
     def __init__(self, depth=2, dropout=0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(Attention(dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(SdpaAttention(dropout) for _ in range(depth))
 
     def forward(self, x):
         for block in self.blocks:
@@ -190,7 +190,7 @@ def test_empty_attention_captures_like_the_plain_call_runs(case, how):
     query_shape, key_shape = EMPTY[case]
     q, k = torch.randn(query_shape), torch.randn(key_shape)
     v = torch.randn(key_shape[:-1] + (4,))
-    model = Attention()
+    model = SdpaAttention()
     plain = model(q, k, v)
     if how == "capture_attention":
         with capture_attention(model) as maps:
@@ -199,7 +199,7 @@ def test_empty_attention_captures_like_the_plain_call_runs(case, how):
     else:
         with sdpa_capture.capture(rows=0 if how == "rows=0" else None) as cache:
             captured = model(q, k, v)
-        (entry,) = cache["Attention.forward"]
+        (entry,) = cache["SdpaAttention.forward"]
     assert torch.equal(captured, plain)
     rows = min(1, query_shape[-2]) if how == "rows=0" else query_shape[-2]
     assert entry.shape == (1, 2, rows, key_shape[-2])
