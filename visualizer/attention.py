@@ -298,11 +298,16 @@ class AttentionRecorder:
         self._defer.__enter__()
         self._record_compiled_code(inside_encoder_layers)
         # Dynamo guards compiled code on the ids of always-called hooks, which
-        # are new at every start: where graphs record, the exit hook is an
+        # are new at every start: for a compiled model the exit hook is an
         # ordinary one, so that starting again reuses the graphs compiled
         # before. A forward that raises then leaves its call on the module
-        # stack until stop(), which clears it.
-        always_call = self._graph is None
+        # stack until stop(), which clears it. Eager models keep always-called
+        # exits: an exception caught inside the model (activation checkpointing
+        # stops its recomputation by one) must not leave calls open.
+        optimized = _torch_internals.compiled_module_type()
+        always_call = self._graph is None or not (
+            optimized is not None and isinstance(self.model, optimized)
+        )
         for module in hooked:
             self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
             self._handles.append(
