@@ -391,6 +391,39 @@ def test_force_eager_stance_runs_compiled_code_eagerly(dynamo):
                 "compiled code still runs its graph under the stance")
 
 
+def test_a_resume_function_after_a_graph_break_is_named_after_the_function(dynamo):
+    used_by = "fused.py (_qualified_name): the cache key of an SDPA call after a graph break"
+    names = []
+
+    @torch.compiler.disable  # as fused.py's recorder, which reads its caller's frame
+    def record():
+        frame = sys._getframe(1)
+        while frame.f_globals.get("__name__", "").startswith("torch"):  # the disable wrapper
+            frame = frame.f_back
+        names.append(frame.f_code.co_name)
+
+    def forward(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        record()
+        return x * 2
+
+    torch.compile(forward, backend="eager")(torch.ones(2))
+    resumed = [_torch_internals.resumed_function_name(name) for name in names]
+    if resumed != ["forward"]:
+        changed("Dynamo's resume function name (torch_dynamo_resume_in_<name>_at_<line>)",
+                used_by, f"code after the graph break ran as {names}")
+
+
+@pytest.mark.parametrize("name, function", [
+    ("torch_dynamo_resume_in_forward_at_142", "forward"), ("<resume in forward>", "forward"),
+    ("forward", "forward"),
+    ("torch_dynamo_resume_in_torch_dynamo_resume_in_forward_at_10_at_12", "forward"),
+])
+def test_resumed_function_name(name, function):
+    assert _torch_internals.resumed_function_name(name) == function
+
+
 def test_compiling_check_is_true_only_while_dynamo_traces(dynamo):
     used_by = "_modes.py (WatchMode): torch calls are counted only outside Dynamo's trace"
     check = _torch_internals.compiling_check()

@@ -11,6 +11,7 @@ exist if the caller imported torch, so `sys.modules` is enough to find it.
 """
 
 import itertools
+import re
 import sys
 import types
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, NamedTuple, Optional, Tuple
@@ -104,6 +105,23 @@ def is_fake(tensor: "torch.Tensor") -> bool:
     from torch._subclasses.fake_tensor import is_fake as fake
 
     return bool(fake(tensor))
+
+
+# Dynamo continues a function after a graph break in a new code object named
+# `torch_dynamo_resume_in_<name>_at_<line>` (checked on 2.6-2.14; 2.1.2: `<resume in
+# <name>>`). Its co_qualname (Python 3.11+) is the original's; before 3.11 only this
+# name says which function it continues.
+_RESUME_NAME = re.compile(r"torch_dynamo_resume_in_(.+?)(?:_at_\d+)?|<resume in (.+)>")
+
+
+def resumed_function_name(code_name: str) -> str:
+    """The name of the function a Dynamo resume function continues (through resumes of
+    resumes, one per graph break); any other name as is."""
+    match = _RESUME_NAME.fullmatch(code_name)
+    while match is not None:
+        code_name = match.group(1) or match.group(2)
+        match = _RESUME_NAME.fullmatch(code_name)
+    return code_name
 
 
 def jit_tracing() -> bool:

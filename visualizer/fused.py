@@ -374,10 +374,11 @@ def _qualified_name(frame: FrameType) -> str:
     if PY311:
         # co_qualname is new in 3.11; mypy cannot see the PY311 guard.
         return code.co_qualname  # type: ignore[attr-defined,unused-ignore]
+    name = _torch_internals.resumed_function_name(code.co_name)
     owner = frame.f_locals.get("self")
     if owner is not None:
-        return f"{type(owner).__qualname__}.{code.co_name}"
-    return code.co_name
+        return f"{type(owner).__qualname__}.{name}"
+    return name
 
 
 sdpa_capture = SdpaCapture(get_local)
