@@ -109,8 +109,8 @@ def is_fake(tensor: "torch.Tensor") -> bool:
 
 # Dynamo continues a function after a graph break in a new code object named
 # `torch_dynamo_resume_in_<name>_at_<line>` (checked on 2.6-2.14; 2.1.2: `<resume in
-# <name>>`). Its co_qualname (Python 3.11+) is the original's; before 3.11 only this
-# name says which function it continues.
+# <name>>`), and its co_qualname (Python 3.11+) the same after the owner's
+# (`Owner.torch_dynamo_resume_in_forward_at_142` on 2.6.0; the original's on 2.13.0).
 _RESUME_NAME = re.compile(r"torch_dynamo_resume_in_(.+?)(?:_at_\d+)?|<resume in (.+)>")
 
 

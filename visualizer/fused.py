@@ -373,7 +373,9 @@ def _qualified_name(frame: FrameType) -> str:
     code = frame.f_code
     if PY311:
         # co_qualname is new in 3.11; mypy cannot see the PY311 guard.
-        return code.co_qualname  # type: ignore[attr-defined,unused-ignore]
+        qualname: str = code.co_qualname  # type: ignore[attr-defined,unused-ignore]
+        owner_name, dot, name = qualname.rpartition(".")
+        return owner_name + dot + _torch_internals.resumed_function_name(name)
     name = _torch_internals.resumed_function_name(code.co_name)
     owner = frame.f_locals.get("self")
     if owner is not None:
