@@ -25,17 +25,20 @@ setup(
     package_data={"visualizer": ["py.typed", "explorer.js", "explorer.css"]},
     python_requires=">=3.9",
     # The capture core needs only these; torch and matplotlib are extras so
-    # the core installs (and is tested) on Pythons without them.
-    install_requires=["bytecode>=0.16", "numpy>=1.21"],
+    # the core installs (and is tested) on Pythons without them. Every lower
+    # bound is a release CI tests (.ci/torch_matrix, README "Supported
+    # versions"): torch 2.1.2-2.14.1, transformers 4.48.0-5.24.0, numpy
+    # 1.26.4-2.5.5, matplotlib 3.6.3-3.11.2, bytecode 0.16.0-0.19.1.
+    install_requires=["bytecode>=0.16", "numpy>=1.26.4"],
     extras_require={
-        "torch": ["torch>=2.1"],
-        "plot": ["matplotlib>=3.6"],
-        "all": ["torch>=2.1", "matplotlib>=3.6"],
+        "torch": ["torch>=2.1.2"],
+        "plot": ["matplotlib>=3.6.3"],
+        "all": ["torch>=2.1.2", "matplotlib>=3.6.3"],
         "test": [
             "pytest>=7",
             "cloudpickle>=2",
             "hypothesis>=6",
-            "transformers>=4.48",
+            "transformers>=4.48.0",
             "nbformat>=5",
             "nbclient>=0.7",
             "ipykernel>=6",

@@ -9,6 +9,7 @@ is (B, H_query, Q, K).
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -20,7 +21,7 @@ F = torch.nn.functional
 
 from examples.toy_vit import VisionTransformer  # noqa: E402
 from visualizer import AttentionMaps, VisualizerError, capture_attention, get_local  # noqa: E402
-from visualizer import analysis  # noqa: E402
+from visualizer import _torch_internals, analysis  # noqa: E402
 from visualizer.fused import sdpa_capture  # noqa: E402
 
 
@@ -787,6 +788,10 @@ def test_entries_are_snapshots_of_the_models_tensors(rows):
     assert_close(maps[""][0], expected if rows is None else expected[:, :, :1])
 
 
+@pytest.mark.skipif(
+    not _torch_internals.has(_torch_internals.SET_STANCE),
+    reason="capturing compiled models needs torch.compiler.set_stance, new in torch 2.6"
+)
 @pytest.mark.parametrize("compiled_before", [True, False], ids=["warm", "first call inside"])
 @pytest.mark.parametrize("fused", [False, True], ids=["explicit", "fused"])
 def test_compiled_model_gives_eager_maps_without_the_wrapper_prefix(fused, compiled_before):
@@ -805,3 +810,17 @@ def test_compiled_model_gives_eager_maps_without_the_wrapper_prefix(fused, compi
     for key in expected:
         np.testing.assert_array_equal(maps[key][0], expected[key][0])
     assert torch._dynamo.eval_frame._stance.stance == "default"  # compiled again afterwards
+
+
+@pytest.mark.skipif(
+    _torch_internals.has(_torch_internals.SET_STANCE), reason="torch>=2.6 captures compiled models"
+)
+def test_compiled_model_on_torch_before_2_6_is_refused_naming_both_versions():
+    compiled = torch.compile(toy_vit(False), backend="eager")
+    message = (
+        "capture_attention: cannot capture a torch.compile'd model (it runs its Python only under "
+        f"a Dynamo stance): torch.compiler.set_stance needs torch>=2.6; this is torch "
+        f"{torch.__version__}. Capture the model itself, before torch.compile"
+    )
+    with pytest.raises(VisualizerError, match=re.escape(message)):
+        capture_attention(compiled)

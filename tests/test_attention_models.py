@@ -174,6 +174,9 @@ def test_models_that_compute_attention_inside_their_module(class_name, config, i
 
 def test_get_local_on_an_attention_function_the_model_never_calls_says_why():
     from transformers.models.vit import modeling_vit
+    if not hasattr(modeling_vit, "eager_attention_forward"):
+        pytest.skip(f"transformers {transformers.__version__}'s ViT has no module-level "
+                    "eager_attention_forward (checked: 4.48.0 lacks it, 4.52.4 has it)")
 
     case = CASES["vit"]
     model = case.build("sdpa")  # transformers 5's default: eager_attention_forward never runs

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from examples.toy_vit import VisionTransformer  # noqa: E402
-from visualizer import capture_attention, get_local  # noqa: E402
+from visualizer import _torch_internals, capture_attention, get_local  # noqa: E402
 
 
 class Checkpointed(torch.nn.Module):
@@ -124,6 +124,11 @@ def test_capture_attention_records_each_block_once(reentrant):
         np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.mark.skipif(
+    _torch_internals.torch_release() < (2, 6),
+    reason="Dynamo before torch 2.6 fails (InternalTorchDynamoError) compiling a non-reentrant "
+    "checkpoint around a get_local function (checked: 2.1.2 fails, 2.6.0 passes)",
+)
 def test_compiled_checkpointed_training_with_capture_switched_on_midway():
     """The issue's end-to-end case: compile + checkpointing, capture switched on mid-training."""
     model = model_with(reentrant=False)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, T
 
 from torch.overrides import TorchFunctionMode
 
-from ._torch_internals import mode_stack, pop_mode, push_mode
+from ._torch_internals import compiling_check, mode_stack, pop_mode, push_mode
 
 # Told (func, args, kwargs, output) after a watched call ran.
 Listener = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Any], None]
@@ -22,7 +22,9 @@ class WatchMode(TorchFunctionMode):
     `on` False passes every call through untouched (a mode switched off from
     another thread may still sit on this thread's stack). `calls` counts the
     torch calls seen while on, so a recorder can tell "none of them was
-    attention" from "nothing ran".
+    attention" from "nothing ran". Calls are counted only where Dynamo is not
+    tracing: Dynamo (torch 2.6-2.8) traces this method into compiled graphs, and a
+    count it read and changed there failed its own guard check.
     """
 
     def __init__(self, watched: FrozenSet[Any], listener: Listener) -> None:
@@ -31,6 +33,7 @@ class WatchMode(TorchFunctionMode):
         self.listener = listener
         self.on = True
         self.calls = 0
+        self._compiling = compiling_check()
 
     def __torch_function__(
         self,
@@ -46,7 +49,8 @@ class WatchMode(TorchFunctionMode):
         # neither this call nor what the listener computes comes back here.
         output = func(*args, **kwargs)
         if self.on:
-            self.calls += 1
+            if not self._compiling():
+                self.calls += 1
             if func in self.watched:
                 self.listener(func, args, kwargs, output)
         return output

@@ -10,16 +10,63 @@ calls some of these on Pythons without torch. A tensor or a model can only
 exist if the caller imported torch, so `sys.modules` is enough to find it.
 """
 
+import itertools
+import re
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, NamedTuple, Optional, Tuple
 
 if TYPE_CHECKING:
     import torch
     from torch.overrides import TorchFunctionMode
 
+
+class Gate(NamedTuple):
+    """A torch feature the package uses that older releases lack: its name and the release
+    that brought it. A missing feature is said at the call that needs it, never at import."""
+
+    feature: str
+    release: Tuple[int, int]
+
+
+# Each gate was checked on the torch releases `.ci/torch_matrix` runs (2.1.2, 2.6.0,
+# 2.8.0, 2.13.0, 2.14.1) and on the release before it (absent there).
+# torch.nn.attention.bias (an SDPA attn_mask standing for a causal mask): new in 2.3,
+# absent in 2.2.2.
+CAUSAL_BIAS = Gate("torch.nn.attention.bias (CausalBias)", (2, 3))
+# torch.compiler.is_compiling: new in 2.3. Before 2.6 Dynamo never traces a torch
+# function mode, the one place the package asks.
+IS_COMPILING = Gate("torch.compiler.is_compiling", (2, 3))
+# scaled_dot_product_attention(..., enable_gqa=True): new in 2.5, absent in 2.4.1.
+SDPA_ENABLE_GQA = Gate("scaled_dot_product_attention(enable_gqa=...)", (2, 5))
+# torch.compiler.set_stance ("force_eager": compiled code runs its Python): new in
+# 2.6, absent in 2.5.1.
+SET_STANCE = Gate("torch.compiler.set_stance", (2, 6))
+
+
+def torch_release(version: Optional[str] = None) -> Tuple[int, int]:
+    """(major, minor) of `version`, default the loaded torch's: '2.5.0a0+git12' -> (2, 5)."""
+    if version is None:
+        version = str(sys.modules["torch"].__version__)
+    major, _, rest = version.split("+")[0].partition(".")
+    minor = "".join(itertools.takewhile(str.isdigit, rest))
+    return int(major), int(minor or 0)
+
+
+def has(gate: Gate) -> bool:
+    """Whether the loaded torch has `gate`'s feature."""
+    return torch_release() >= gate.release
+
+
+def too_old(gate: Gate) -> str:
+    """The sentence that says `gate`'s feature needs a newer torch than the loaded one."""
+    major, minor = gate.release
+    version = sys.modules["torch"].__version__
+    return f"{gate.feature} needs torch>={major}.{minor}; this is torch {version}"
+
+
 # The attribute Dynamo's inliner reads to skip a function that
-# torch.compiler.disable marked (checked on torch 2.13).
+# torch.compiler.disable marked (checked on torch 2.1-2.14).
 DYNAMO_DISABLE_ATTRIBUTE = "_torchdynamo_disable"
 
 
@@ -32,7 +79,7 @@ def autograd_node_getter() -> Optional[Callable[[], object]]:
 
     It returns the autograd node being run, None outside backward: activation
     checkpointing re-runs a forward inside backward, and such a re-run is not
-    a new call. Bound once by callers on hot paths. (torch 2.1-2.13)
+    a new call. Bound once by callers on hot paths. (torch 2.1-2.14)
     """
     torch = _torch()
     return None if torch is None else torch._C._current_autograd_node
@@ -47,76 +94,114 @@ def in_backward() -> bool:
 def is_functorch_wrapped(tensor: "torch.Tensor") -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev) wraps `tensor` in a level.
 
-    `torch._C._functorch.is_functorch_wrapped_tensor` (torch 2.1-2.13).
+    `torch._C._functorch.is_functorch_wrapped_tensor` (torch 2.1-2.14).
     """
     return bool(sys.modules["torch"]._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
+def is_fake(tensor: "torch.Tensor") -> bool:
+    """Whether `tensor` is a fake tensor (a shape without values, what Dynamo propagates
+    while it compiles): `torch._subclasses.fake_tensor.is_fake` (2.1-2.14)."""
+    from torch._subclasses.fake_tensor import is_fake as fake
+
+    return bool(fake(tensor))
+
+
+# Dynamo continues a function after a graph break in a new code object named
+# `torch_dynamo_resume_in_<name>_at_<line>` (checked on 2.6-2.14; 2.1.2: `<resume in
+# <name>>`), and its co_qualname (Python 3.11+) the same after the owner's
+# (`Owner.torch_dynamo_resume_in_forward_at_142` on 2.6.0; the original's on 2.13.0).
+_RESUME_NAME = re.compile(r"torch_dynamo_resume_in_(.+?)(?:_at_\d+)?|<resume in (.+)>")
+
+
+def resumed_function_name(code_name: str) -> str:
+    """The name of the function a Dynamo resume function continues (through resumes of
+    resumes, one per graph break); any other name as is."""
+    match = _RESUME_NAME.fullmatch(code_name)
+    while match is not None:
+        code_name = match.group(1) or match.group(2)
+        match = _RESUME_NAME.fullmatch(code_name)
+    return code_name
+
+
 def jit_tracing() -> bool:
-    """Whether torch.jit.trace is tracing now: `torch._C._get_tracing_state()` (torch 2.1-2.13)."""
+    """Whether torch.jit.trace is tracing now: `torch._C._get_tracing_state()` (torch 2.1-2.14)."""
     torch = _torch()
     return torch is not None and torch._C._get_tracing_state() is not None
 
 
 def skip_in_dynamo(code: types.CodeType) -> None:
-    """Make Dynamo never compile `code`'s frames: `torch._dynamo.eval_frame.skip_code` (2.1-2.13)."""
+    """Make Dynamo never compile `code`'s frames: `torch._dynamo.eval_frame.skip_code` (2.1-2.14)."""
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(code)
 
 
 def dynamo_compiled_anything() -> bool:
-    """Whether Dynamo compiled any frame in this process (`convert_frame.input_codes`, 2.1-2.13)."""
+    """Whether Dynamo compiled any frame in this process (`convert_frame.input_codes`, 2.1-2.14)."""
     convert_frame = sys.modules.get("torch._dynamo.convert_frame")
     return convert_frame is not None and bool(convert_frame.input_codes.seen)
 
 
 def reset_dynamo() -> None:
-    """Drop everything Dynamo compiled (`torch._dynamo.reset`, 2.1-2.13)."""
+    """Drop everything Dynamo compiled (`torch._dynamo.reset`, 2.1-2.14)."""
     sys.modules["torch._dynamo"].reset()
 
 
 def force_eager() -> Optional[ContextManager[Any]]:
     """Make torch.compile'd code run its Python eagerly, process-wide, until exited; None when
-    Dynamo was never loaded (nothing compiled). `torch.compiler.set_stance` (2.6-2.13)."""
-    if "torch._dynamo" not in sys.modules:
+    Dynamo was never loaded (nothing compiled) and on torch<2.6, which has no stances
+    (callers refuse compiled models there). `torch.compiler.set_stance` (2.6-2.14)."""
+    if "torch._dynamo" not in sys.modules or not has(SET_STANCE):
         return None
     return sys.modules["torch"].compiler.set_stance("force_eager")
 
 
 def compiled_module_type() -> Optional[type]:
     """The class of `torch.compile(module)`'s wrapper, or None before Dynamo is loaded
-    (`torch._dynamo.eval_frame.OptimizedModule`, 2.1-2.13)."""
+    (`torch._dynamo.eval_frame.OptimizedModule`, 2.1-2.14)."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return getattr(eval_frame, "OptimizedModule", None)
 
 
 def compiled_module_original(module: "torch.nn.Module") -> "torch.nn.Module":
-    """The module a `torch.compile` wrapper runs: its `_orig_mod` (2.1-2.13)."""
+    """The module a `torch.compile` wrapper runs: its `_orig_mod` (2.1-2.14)."""
     original = module._orig_mod
     assert isinstance(original, sys.modules["torch"].nn.Module), "torch.compile's wrapper"
     return original
 
 
 def separate_projections(module: "torch.nn.MultiheadAttention") -> bool:
-    """Whether `nn.MultiheadAttention` has separate q/k/v weights: not `_qkv_same_embed_dim` (2.1-2.13)."""
+    """Whether `nn.MultiheadAttention` has separate q/k/v weights: not its
+    `_qkv_same_embed_dim` (2.1-2.14)."""
     return not module._qkv_same_embed_dim
 
 
+def compiling_check() -> Callable[[], bool]:
+    """A function that says whether Dynamo is tracing its caller: `torch.compiler.is_compiling`
+    (2.3-2.14); on older torch one that says False, since Dynamo traces no torch function
+    mode before 2.6 and modes are what ask. Bound once, outside the traced code."""
+    if not has(IS_COMPILING):
+        return lambda: False
+    check: Callable[[], bool] = sys.modules["torch"].compiler.is_compiling
+    return check
+
+
 def push_mode(mode: "TorchFunctionMode") -> None:
-    """Put `mode` on top of this thread's torch function mode stack (`torch.overrides._push_mode`)."""
+    """Put `mode` on top of this thread's torch function mode stack
+    (`torch.overrides._push_mode`, 2.1-2.14)."""
     sys.modules["torch"].overrides._push_mode(mode)
 
 
 def pop_mode() -> "TorchFunctionMode":
-    """Take the top mode off this thread's stack (`torch.overrides._pop_mode`)."""
+    """Take the top mode off this thread's stack (`torch.overrides._pop_mode`, 2.1-2.14)."""
     mode: "TorchFunctionMode" = sys.modules["torch"].overrides._pop_mode()
     return mode
 
 
 def mode_stack() -> "List[TorchFunctionMode]":
     """This thread's torch function modes, innermost last
-    (`torch.overrides._get_current_function_mode_stack`, 2.1-2.13)."""
+    (`torch.overrides._get_current_function_mode_stack`, 2.1-2.14)."""
     stack: "List[TorchFunctionMode]" = list(
         sys.modules["torch"].overrides._get_current_function_mode_stack()
     )
@@ -129,10 +214,10 @@ def causal_bias_offset(attn_mask: object, num_queries: int, num_keys: int) -> Op
     convention: num_keys - num_queries). None for any other mask, and on torch
     releases without `torch.nn.attention.bias` (no mask can be one there).
     """
-    try:  # torch.nn.attention is new in torch 2.3
-        import torch.nn.attention.bias as bias
-    except ImportError:
+    if not has(CAUSAL_BIAS):
         return None
+    import torch.nn.attention.bias as bias
+
     if not isinstance(attn_mask, bias.CausalBias):
         return None
     lower_right = attn_mask.variant == bias.CausalVariant.LOWER_RIGHT
@@ -141,20 +226,17 @@ def causal_bias_offset(attn_mask: object, num_queries: int, num_keys: int) -> Op
 
 # Recording inside compiled graphs (`_in_graph`) needs `torch.library.custom_op`
 # (torch 2.4) and Dynamo tracing a TorchFunctionMode on the stack (torch 2.6);
-# checked on torch 2.13.
-_IN_GRAPH_SINCE = (2, 6)
+# checked on torch 2.13 and 2.14.
+IN_GRAPH_CAPTURE = Gate(
+    "recording inside compiled graphs (torch.library.custom_op, Dynamo tracing torch "
+    "function modes)",
+    (2, 6),
+)
 
 
 def in_graph_capture_missing() -> Optional[str]:
     """None when this torch records inside compiled graphs; else the version and what is needed."""
-    torch = sys.modules["torch"]
-    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if release < _IN_GRAPH_SINCE:
-        return (
-            f"torch {torch.__version__} cannot record inside compiled graphs (needs torch >= 2.6: "
-            "torch.library.custom_op and Dynamo tracing torch function modes)"
-        )
-    return None
+    return None if has(IN_GRAPH_CAPTURE) else too_old(IN_GRAPH_CAPTURE)
 
 
 def mark_side_effect(op: object) -> None:

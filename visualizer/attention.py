@@ -814,6 +814,14 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif optimized is not None and isinstance(model, optimized):
+            # Its graphs run the recorded Python only under Dynamo's force_eager stance.
+            if not _torch_internals.has(_torch_internals.SET_STANCE):
+                raise VisualizerError(
+                    f"{_WHO}: cannot capture a torch.compile'd model (it runs its Python "
+                    f"only under a Dynamo stance): "
+                    f"{_torch_internals.too_old(_torch_internals.SET_STANCE)}. Capture the "
+                    "model itself, before torch.compile"
+                )
             model = _torch_internals.compiled_module_original(model)
         else:
             return model

@@ -62,7 +62,9 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
+from . import _torch_internals
 from ._compat import PY311
+from ._errors import VisualizerError
 from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
 from ._warnings import WarnOnce, raise_pending, warn_user
@@ -281,7 +283,6 @@ class SdpaCapture:
             func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
         ) -> None:
             if func is F.scaled_dot_product_attention:
-                recording.sdpa_calls += 1
                 self._record(recording, args, kwargs)
             elif not kwargs.get("need_weights", True):  # F.multi_head_attention_forward
                 self._warn_unseen_multi_head_attention()
@@ -294,9 +295,21 @@ class SdpaCapture:
     def _record(
         self, recording: _Recording, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     ) -> None:
+        # Counted here, eagerly: Dynamo (torch 2.6-2.8) traces the listener, and a
+        # count read and changed in a graph failed its own guard check.
+        recording.sdpa_calls += 1
         query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = bind_sdpa_arguments(
             *args, **kwargs
         )
+        if _torch_internals.is_fake(query):
+            # Older Dynamo (checked: torch 2.1.2; 2.6.0 traces the mode instead) runs
+            # the recording mode itself on the fake tensors it compiles with.
+            raise VisualizerError(
+                "sdpa_capture: cannot record inside torch.compile on torch "
+                f"{torch.__version__}: Dynamo runs the recording on fake tensors, which hold no "
+                "weights (torch>=2.6 records between compiled graphs). Record the model "
+                "uncompiled"
+            )
         caller = self._caller_key()
         store = self._owner.store
         policy = store.policy
@@ -361,11 +374,14 @@ def _qualified_name(frame: FrameType) -> str:
     code = frame.f_code
     if PY311:
         # co_qualname is new in 3.11; mypy cannot see the PY311 guard.
-        return code.co_qualname  # type: ignore[attr-defined,unused-ignore]
+        qualname: str = code.co_qualname  # type: ignore[attr-defined,unused-ignore]
+        owner_name, dot, name = qualname.rpartition(".")
+        return owner_name + dot + _torch_internals.resumed_function_name(name)
+    name = _torch_internals.resumed_function_name(code.co_name)
     owner = frame.f_locals.get("self")
     if owner is not None:
-        return f"{type(owner).__qualname__}.{code.co_name}"
-    return code.co_name
+        return f"{type(owner).__qualname__}.{name}"
+    return name
 
 
 sdpa_capture = SdpaCapture(get_local)
