@@ -537,7 +537,28 @@ def test_version_gates_are_checked_against_this_torch():
             return False
         return True
 
+    def dynamo_traces_a_function_mode():
+        import torch._dynamo
+
+        class PassThrough(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        def add_one(x):
+            return x + 1
+
+        torch._dynamo.reset()
+        try:
+            with PassThrough():
+                torch.compile(add_one, backend="eager", fullgraph=True)(torch.ones(2))
+        except Exception:  # noqa: BLE001  (each torch words "cannot trace" its own way)
+            return False
+        finally:
+            torch._dynamo.reset()
+        return hasattr(torch.library, "custom_op")
+
     actual = {
+        _torch_internals.IN_GRAPH_CAPTURE: dynamo_traces_a_function_mode(),
         _torch_internals.CAUSAL_BIAS: _importable("torch.nn.attention.bias"),
         _torch_internals.IS_COMPILING: hasattr(torch.compiler, "is_compiling"),
         _torch_internals.SDPA_ENABLE_GQA: sdpa_takes_enable_gqa(),
