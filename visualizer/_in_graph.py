@@ -38,9 +38,9 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from . import _torch_internals
+from ._modes import AfterCallMode
 from .weights import (
     CheckedSelection,
     WeightsRequest,
@@ -120,7 +120,7 @@ def shared_mode(
     return modes[key]
 
 
-class GraphMode(TorchFunctionMode):
+class GraphMode(AfterCallMode):
     """Adds the recording of attention to the graphs Dynamo traces while it is on the stack.
 
     Outside tracing it runs every call unchanged and does nothing else: eager
@@ -143,15 +143,9 @@ class GraphMode(TorchFunctionMode):
         # Paths of the selected modules running, innermost last: read at trace time.
         self.stack: List[str] = []
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Collection[type],
-        args: Tuple[Any, ...] = (),
-        kwargs: Optional[Dict[str, Any]] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        output = func(*args, **kwargs)
+    def after(
+        self, func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
+    ) -> None:
         if torch.compiler.is_compiling() and self.stack:
             if func is F.scaled_dot_product_attention:
                 self._sdpa(args, kwargs)
@@ -159,7 +153,6 @@ class GraphMode(TorchFunctionMode):
                 self._multi_head(args, kwargs)
             elif func in _SOFTMAX_FUNCTIONS:
                 self._softmax(args, kwargs, output)
-        return output
 
     def _softmax(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         path = self.stack[-1]

@@ -23,6 +23,7 @@ DINOv2-size input costs O(N) memory per head, not O(N²). An int keeps its
 axis: results are always (..., H, Q, S).
 """
 
+import inspect
 import math
 import operator
 from typing import (
@@ -512,39 +513,27 @@ def functional_multi_head_weights(
     )
 
 
-def _bind_multi_head_arguments(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    embed_dim_to_check: int,
-    num_heads: int,
-    in_proj_weight: Optional[torch.Tensor],
-    in_proj_bias: Optional[torch.Tensor],
-    bias_k: Optional[torch.Tensor],
-    bias_v: Optional[torch.Tensor],
-    add_zero_attn: bool,
-    dropout_p: float,
-    out_proj_weight: torch.Tensor,
-    out_proj_bias: Optional[torch.Tensor],
-    training: bool = True,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    need_weights: bool = True,
-    attn_mask: Optional[torch.Tensor] = None,
-    use_separate_proj_weight: bool = False,
-    q_proj_weight: Optional[torch.Tensor] = None,
-    k_proj_weight: Optional[torch.Tensor] = None,
-    v_proj_weight: Optional[torch.Tensor] = None,
-    static_k: Optional[torch.Tensor] = None,
-    static_v: Optional[torch.Tensor] = None,
-    average_attn_weights: bool = True,
-    is_causal: bool = False,
-) -> Dict[str, Any]:
+# F.multi_head_attention_forward's parameters in order, and its defaults: read from
+# the installed torch, so a call binds by that torch's own signature.
+_MULTI_HEAD_PARAMETERS = inspect.signature(F.multi_head_attention_forward).parameters
+_MULTI_HEAD_NAMES = tuple(_MULTI_HEAD_PARAMETERS)
+_MULTI_HEAD_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in _MULTI_HEAD_PARAMETERS.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+
+def _bind_multi_head_arguments(*args: Any, **kwargs: Any) -> Dict[str, Any]:
     """A call's arguments by `F.multi_head_attention_forward`'s own signature, by name.
 
-    A plain function rather than `inspect.Signature.bind`, so that Dynamo
+    Plain dict work rather than `inspect.Signature.bind`, so that Dynamo
     traces it inside a compiled graph.
     """
-    return dict(locals())
+    bound = dict(_MULTI_HEAD_DEFAULTS)
+    bound.update(zip(_MULTI_HEAD_NAMES, args))
+    bound.update(kwargs)
+    return bound
 
 
 def module_weights(
