@@ -38,9 +38,9 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import _torch_internals
-from ._modes import AfterCallMode
 from .weights import (
     CheckedSelection,
     WeightsRequest,
@@ -120,11 +120,14 @@ def shared_mode(
     return modes[key]
 
 
-class GraphMode(AfterCallMode):
+class GraphMode(TorchFunctionMode):
     """Adds the recording of attention to the graphs Dynamo traces while it is on the stack.
 
     Outside tracing it runs every call unchanged and does nothing else: eager
-    models are recorded by `capture_attention`'s own hooks.
+    models are recorded by `capture_attention`'s own hooks. Its `__torch_function__`
+    is its own code object, not one shared with `WatchMode`'s: Dynamo keeps its
+    compiled variants per code object, and one shared by both modes hit Dynamo's
+    recompile limit (torch 2.8), after which graphs stopped recording.
     """
 
     def __init__(
@@ -143,9 +146,15 @@ class GraphMode(AfterCallMode):
         # Paths of the selected modules running, innermost last: read at trace time.
         self.stack: List[str] = []
 
-    def after(
-        self, func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
-    ) -> None:
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
         if torch.compiler.is_compiling() and self.stack:
             if func is F.scaled_dot_product_attention:
                 self._sdpa(args, kwargs)
@@ -153,6 +162,7 @@ class GraphMode(AfterCallMode):
                 self._multi_head(args, kwargs)
             elif func in _SOFTMAX_FUNCTIONS:
                 self._softmax(args, kwargs, output)
+        return output
 
     def _softmax(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         path = self.stack[-1]

@@ -16,33 +16,7 @@ from ._torch_internals import compiling_check, mode_stack, pop_mode, push_mode
 Listener = Callable[[Callable[..., Any], Tuple[Any, ...], Dict[str, Any], Any], None]
 
 
-class AfterCallMode(TorchFunctionMode):
-    """Runs every torch function as is, then shows the call to `after` (subclasses say what
-    to do with it)."""
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Collection[type],
-        args: Tuple[Any, ...] = (),
-        kwargs: Optional[Dict[str, Any]] = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        # The real call first, with the original arguments: the model's output
-        # is exactly what it computes, and an invalid call raises torch's own
-        # error. Inside this method torch has taken the mode off the stack, so
-        # neither this call nor what `after` computes comes back here.
-        output = func(*args, **kwargs)
-        self.after(func, args, kwargs, output)
-        return output
-
-    def after(
-        self, func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
-    ) -> None:
-        raise NotImplementedError
-
-
-class WatchMode(AfterCallMode):
+class WatchMode(TorchFunctionMode):
     """Runs every torch function as is; shows the watched ones to `listener` after.
 
     `on` False passes every call through untouched (a mode switched off from
@@ -61,14 +35,25 @@ class WatchMode(AfterCallMode):
         self.calls = 0
         self._compiling = compiling_check()
 
-    def after(
-        self, func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
-    ) -> None:
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Tuple[Any, ...] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        # The real call first, with the original arguments: the model's output
+        # is exactly what it computes, and an invalid call raises torch's own
+        # error. Inside this method torch has taken the mode off the stack, so
+        # neither this call nor what the listener computes comes back here.
+        output = func(*args, **kwargs)
         if self.on:
             if not self._compiling():
                 self.calls += 1
             if func in self.watched:
                 self.listener(func, args, kwargs, output)
+        return output
 
 
 def remove_mode(mode: TorchFunctionMode) -> bool:

@@ -81,10 +81,10 @@ from .weights import (
 )
 
 # Frames of these modules (and their submodules) are skipped when naming the
-# caller: torch's own (Module.__call__, ...), this module and the watch mode's, and transformers'
+# caller: torch's own (Module.__call__, ...), this module, and transformers'
 # attention dispatchers (`sdpa_attention_forward`, ...), through which every
 # Hugging Face attention module calls SDPA.
-_SKIPPED_MODULES = ("torch", __name__, WatchMode.__module__, "transformers.integrations")
+_SKIPPED_MODULES = ("torch", __name__, "transformers.integrations")
 
 _WATCHED = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_forward})
 
