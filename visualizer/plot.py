@@ -242,6 +242,22 @@ def _outline_patch(
     )
 
 
+def _image_layout(
+    func: str,
+    geometry: Optional[ImageGeometry],
+    grid_size: GridSize,
+    num_prefix_tokens: Optional[int],
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+) -> ImageGeometry:
+    """The geometry of a plot over an image: `geometry=` filled in and checked against the
+    plot's own grid, prefix and normalisation arguments (see `ImageGeometry.resolve`)."""
+    return ImageGeometry.resolve(
+        geometry, caller=func, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
+        mean=mean, std=std,
+    )
+
+
 def _map_item(
     attn: ArrayOrTensor, batch_index: int, func: str, square: bool = True
 ) -> Tuple[np.ndarray, int]:
@@ -717,14 +733,7 @@ def query(
     _check_overlay(mode, alpha, cmap, func)
     check_bool(show_cls, func, "show_cls")
     _check_figure(fig, func)
-    layout = ImageGeometry.resolve(
-        geometry,
-        caller=func,
-        grid_size=grid_size,
-        num_prefix_tokens=num_prefix_tokens,
-        mean=mean,
-        std=std,
-    )
+    layout = _image_layout(func, geometry, grid_size, num_prefix_tokens, mean, std)
     prefix_count = layout.num_prefix_tokens
     item, batch_size = _map_item(attn, batch_index, func)
     grid = grid_shape(item.shape[-1], prefix_count, layout.grid_size, func, "attn")
@@ -870,14 +879,7 @@ def cls_attention(
     _check_overlay(mode, alpha, cmap, func)
     if threshold is not None:
         check_number(threshold, func, "threshold", 0, 1, low_open=True)
-    layout = ImageGeometry.resolve(
-        geometry,
-        caller=func,
-        grid_size=grid_size,
-        num_prefix_tokens=num_prefix_tokens,
-        mean=mean,
-        std=std,
-    )
+    layout = _image_layout(func, geometry, grid_size, num_prefix_tokens, mean, std)
     prefix_count = layout.num_prefix_tokens
     item, batch_size = _map_item(attn, batch_index, func, square=False)
     per_head = _cls_attention(item, geometry=layout)  # (H, h, w)
@@ -1129,14 +1131,7 @@ def rollout(
     """
     func = "plot.rollout"
     _check_overlay(mode, alpha, cmap, func)
-    layout = ImageGeometry.resolve(
-        geometry,
-        caller=func,
-        grid_size=grid_size,
-        num_prefix_tokens=num_prefix_tokens,
-        mean=mean,
-        std=std,
-    )
+    layout = _image_layout(func, geometry, grid_size, num_prefix_tokens, mean, std)
     heat = rollout_cls_attention(rollout, geometry=layout)
     if heat.ndim == 3:
         heat = heat[check_index(batch_index, heat.shape[0], func, "batch_index")]
