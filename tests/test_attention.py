@@ -8,6 +8,7 @@ same with capture on and off; keys are `named_modules()` names; every entry
 is (B, H_query, Q, K).
 """
 
+import contextlib
 import math
 import re
 import warnings
@@ -800,10 +801,17 @@ def test_compiled_model_gives_eager_maps_without_the_wrapper_prefix(fused, compi
     with torch.no_grad(), capture_attention(model) as expected:
         model(images)
     compiled = torch.compile(model, backend="eager")
+    # Where torch's Dynamo cannot record inside the graph, the compiled model runs
+    # eagerly while recording, and says so naming the torch it needs.
+    in_graph = _torch_internals.has(_torch_internals.IN_GRAPH_CAPTURE)
+    fallback = contextlib.nullcontext() if in_graph else pytest.warns(
+        RuntimeWarning, match=r"runs eagerly while recording: recording inside compiled graphs"
+        rf".* needs torch>=2\.13; this is torch {re.escape(torch.__version__)}"
+    )
     with torch.no_grad():
         if compiled_before:
             compiled(images)
-        with capture_attention(compiled) as maps:
+        with fallback, capture_attention(compiled) as maps:
             output = compiled(images)
         assert torch.equal(output, model(images))
     assert list(maps) == list(expected)  # no "_orig_mod." prefix

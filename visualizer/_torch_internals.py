@@ -224,13 +224,15 @@ def causal_bias_offset(attn_mask: object, num_queries: int, num_keys: int) -> Op
     return num_keys - num_queries if lower_right else 0
 
 
-# Recording inside compiled graphs (`_in_graph`) needs `torch.library.custom_op`
-# (torch 2.4) and Dynamo tracing a TorchFunctionMode on the stack (torch 2.6);
-# checked on torch 2.13 and 2.14.
+# Recording inside compiled graphs (`_in_graph`): Dynamo tracing the graph mode on
+# the stack, its hooks and the `visualizer::record` custom op into the graph. Checked:
+# it records on torch 2.13 and 2.14.1; on 2.6.0 and 2.8.0 Dynamo does not trace the
+# mode's recording (2.8: "does not know how to trace frozenset.__contains__") and the
+# graphs record nothing, so releases before 2.13 (2.9-2.12 untested) run compiled code
+# eagerly while recording, with a warning naming this gate.
 IN_GRAPH_CAPTURE = Gate(
-    "recording inside compiled graphs (torch.library.custom_op, Dynamo tracing torch "
-    "function modes)",
-    (2, 6),
+    "recording inside compiled graphs (Dynamo tracing the recording mode and its custom op)",
+    (2, 13),
 )
 
 
