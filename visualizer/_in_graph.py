@@ -52,6 +52,9 @@ from .weights import (
     unpack_grouped_query,
 )
 
+# Whether Dynamo is tracing the caller (always False on torch < 2.3, which lacks the check).
+_compiling = _torch_internals.compiling_check()
+
 # Told (module path, map) for each map a compiled graph hands out.
 Sink = Callable[[str, torch.Tensor], None]
 
@@ -155,7 +158,7 @@ class GraphMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        if torch.compiler.is_compiling() and self.stack:
+        if _compiling() and self.stack:
             if func is F.scaled_dot_product_attention:
                 self._sdpa(args, kwargs)
             elif func is F.multi_head_attention_forward:
@@ -227,13 +230,13 @@ class GraphMode(TorchFunctionMode):
         stack = self.stack
 
         def enter(module: nn.Module, args: Any) -> None:
-            if torch.compiler.is_compiling():
+            if _compiling():
                 stack.append(path)
 
         return enter
 
     def _exit_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling() and self.stack:
+        if _compiling() and self.stack:
             self.stack.pop()
 
     # -- the sink ---------------------------------------------------------

@@ -91,6 +91,9 @@ from .weights import (
     validate_selection,
 )
 
+# Whether Dynamo is tracing the caller (always False on torch < 2.3, which lacks the check).
+_compiling = _torch_internals.compiling_check()
+
 # The positional and keyword arguments of a module call, as hooks see them.
 Args = Tuple[Any, ...]
 Kwargs = Dict[str, Any]
@@ -467,7 +470,7 @@ class AttentionRecorder:
         return frames
 
     def _enter(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
-        if torch.compiler.is_compiling():
+        if _compiling():
             return  # a graph records through _in_graph's hooks
         frames = self._frames()
         state = self._state
@@ -491,7 +494,7 @@ class AttentionRecorder:
         self._exit(module, args, kwargs, failed=sys.exc_info()[0] is not None)
 
     def _exit(self, module: nn.Module, args: Args, kwargs: Kwargs, failed: bool) -> None:
-        if torch.compiler.is_compiling():
+        if _compiling():
             return
         frames = self._frames()
         state = self._state

@@ -47,6 +47,9 @@ from . import _torch_internals
 from ._errors import VisualizerError
 from ._pool import BufferPool
 
+# Whether Dynamo is tracing the caller (always False on torch < 2.3, which lacks the check).
+_compiling = _torch_internals.compiling_check()
+
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard
 
@@ -292,7 +295,7 @@ def _attention_weights(
     dead_rows = None
     if attn_mask is not None or causal_offset is not None:
         dead_rows = scores.amax(-1, keepdim=True) == -math.inf
-    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
+    if scores.device.type == "cpu" and not _compiling():
         # In place: on the CPU a second (L, S) map per head is fresh memory
         # whose page faults cost more than the softmax (CUDA's caching
         # allocator has no such cost). A compiled graph plans its own buffers.
