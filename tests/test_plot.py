@@ -178,7 +178,8 @@ def test_query_attention_errors():
     attn = random_maps((1, 13, 13))
     with pytest.raises(
         VisualizerError,
-        match=r"plot.query: query row \(on the 3x4 patch grid of attn after num_prefix_tokens=1\) "
+        match=r"plot.query: query row \(on the patch grid_size=\(3, 4\) of attn after "
+        r"num_prefix_tokens=1\) "
         r"must be an int in \[-3, 3\); got 3",
     ):
         plot.plot_query_attention(attn, (3, 0), grid_size=(3, 4))

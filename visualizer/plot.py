@@ -656,8 +656,7 @@ def _query_cell(
 ) -> Tuple[int, int]:
     """``(row, col)`` of a query given as ``(row, col)`` or a flat patch index."""
     on_grid = (
-        f"(on the {grid[0]}x{grid[1]} patch grid of attn after num_prefix_tokens="
-        f"{num_prefix_tokens})"
+        f"(on the patch grid_size={grid} of attn after num_prefix_tokens={num_prefix_tokens})"
     )
     if isinstance(query, (int, np.integer)):
         row, col = divmod(check_index(query, grid[0] * grid[1], func, f"query {on_grid}"), grid[1])
