@@ -172,6 +172,22 @@ def test_a_mode_is_off_the_stack_inside_its_own_torch_function():
                 "the mode is still on the stack while its __torch_function__ runs")
 
 
+def test_disable_torch_function_hides_calls_from_every_mode():
+    used_by = (
+        "_torch_internals.torch_functions_unwatched: a recorder's recomputation is not the "
+        "model's attention for another recorder's mode"
+    )
+    attribute(torch._C, "DisableTorchFunction", used_by)
+    with FunctionLog() as outer, FunctionLog() as inner:
+        with _torch_internals.torch_functions_unwatched():
+            torch.ones(2, 3).softmax(-1)
+        torch.ones(1) + 1
+    if outer.calls[:1] != inner.calls[:1] or len(inner.calls) != 2:
+        changed("torch._C.DisableTorchFunction", used_by,
+                f"modes saw {len(outer.calls)} and {len(inner.calls)} calls, expected 1 each "
+                "outside the block and none inside")
+
+
 def _native_calls(monkeypatch, name):
     calls = []
     native = getattr(torch, name)

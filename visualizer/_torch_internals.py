@@ -199,6 +199,14 @@ def pop_mode() -> "TorchFunctionMode":
     return mode
 
 
+def torch_functions_unwatched() -> ContextManager[None]:
+    """A block whose torch calls no torch function mode sees: the library's own
+    recomputations, which another recorder's mode must not take for the model's
+    attention (`torch._C.DisableTorchFunction`, modes and subclasses, 2.1-2.14)."""
+    block: ContextManager[None] = sys.modules["torch"]._C.DisableTorchFunction()
+    return block
+
+
 def mode_stack() -> "List[TorchFunctionMode]":
     """This thread's torch function modes, innermost last
     (`torch.overrides._get_current_function_mode_stack`, 2.1-2.14)."""

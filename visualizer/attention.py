@@ -239,9 +239,8 @@ class AttentionRecorder:
         self._state = threading.local()
         self._module_calls = 0
         self._recorded = 0  # maps recorded since start(): clear() in between hides them
+        self._transformed = False  # whether calls under torch.func went unrecorded (said)
         self._decorated: Dict[int, str] = {}  # id(module) -> get_local key of its forward
-        # get_local's store.deferring_to_fused(), entered while recording
-        self._defer: Optional[ContextManager[None]] = None
         # whether this recorder holds torch.compile's force_eager stance while recording
         # (only where the graph cannot record)
         self._eager = False
@@ -278,6 +277,7 @@ class AttentionRecorder:
     def _put_on(self) -> None:
         self._module_calls = 0
         self._recorded = 0
+        self._transformed = False
         self._graphs_record = False
         self._warn_unseen_modules()
         inside_encoder_layers: Set[int] = set()
@@ -297,8 +297,6 @@ class AttentionRecorder:
             key = get_local.key_of(type(module).forward)
             if key is not None:
                 self._decorated[id(module)] = key
-        self._defer = get_local.store.deferring_to_fused()
-        self._defer.__enter__()
         self._record_compiled_code(inside_encoder_layers)
         # Dynamo guards compiled code on the ids of always-called hooks, which
         # are new at every start: for a compiled model the exit hook is an
@@ -339,9 +337,6 @@ class AttentionRecorder:
         if self.maps.pool is not None:
             self.maps.pool = None
             self._pool.let_go()  # no copies of this recorder follow
-        if self._defer is not None:
-            self._defer.__exit__(None, None, None)
-            self._defer = None
         if self._eager:
             self._eager = False
             _EAGER_STANCE.release()
@@ -549,8 +544,12 @@ class AttentionRecorder:
         # During backward, activation checkpointing re-runs forwards: those are
         # not new calls, and their maps were recorded when the forward ran.
         if owner is not None and not _torch_internals.in_backward():
-            weights = compute(f"the attention computed in module {owner.path!r}")
-            owner.records.append(snapshot(weights, self._policy, owned=owned, pool=self._pool))
+            # Another recorder's mode (a nested capture_attention, sdpa_capture)
+            # must not take this recomputation for the model's attention.
+            with _torch_internals.torch_functions_unwatched():
+                weights = compute(f"the attention computed in module {owner.path!r}")
+                entry = snapshot(weights, self._policy, owned=owned, pool=self._pool)
+            owner.records.append(entry)
 
     def _flush(self, frame: "_Frame") -> None:
         if frame.path is None:  # not one of the model's modules: never an owner
@@ -564,6 +563,9 @@ class AttentionRecorder:
     ) -> None:
         """What the recording mode shows after an attention call ran (the model's output
         is what it computed: the mode ran the call first)."""
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(first, torch.Tensor) and self._under_transform(first):
+            return
         if func is F.scaled_dot_product_attention:
             self._sdpa(args, kwargs)
         elif func is F.multi_head_attention_forward:
@@ -625,6 +627,8 @@ class AttentionRecorder:
         bound.apply_defaults()
         a = bound.arguments
         query, key = a["query"], a["key"]
+        if self._under_transform(query):
+            return
         if query.is_nested or key.is_nested:
             self._warn_nested(frames[-1].path)
             return
@@ -648,6 +652,8 @@ class AttentionRecorder:
         bound.apply_defaults()
         a = bound.arguments
         source = a["src"]
+        if self._under_transform(source):
+            return
         if source.is_nested:
             self._warn_nested(frames[-1].path)
             return
@@ -692,10 +698,13 @@ class AttentionRecorder:
         for entry in get_local.store.cache.get(key, [])[frame.decorated_start :]:
             value = next(iter(entry.values())) if isinstance(entry, dict) else entry
             if getattr(value, "ndim", None) == 4:
-                value = torch.as_tensor(value)
                 where = f"the attention computed in module {frame.path!r}"
-                selected = select_weights(value, self._rows, self._heads, where=where, who=_WHO)
-                frame.records.append(snapshot(selected, self._policy, pool=self._pool))
+                with _torch_internals.torch_functions_unwatched():
+                    selected = select_weights(
+                        torch.as_tensor(value), self._rows, self._heads, where=where, who=_WHO
+                    )
+                    entry = snapshot(selected, self._policy, pool=self._pool)
+                frame.records.append(entry)
             elif value is not MISSING:
                 self._warn_once(
                     ("decorated", key),
@@ -703,6 +712,24 @@ class AttentionRecorder:
                     f"held {_describe_value(value)}, not a (B, H, Q, K) attention map; nothing "
                     f"was recorded for {frame.path!r}",
                 )
+
+    def _under_transform(self, tensor: torch.Tensor) -> bool:
+        """Whether a torch.func transform (vmap, grad, jacrev) runs this call: say so once.
+
+        Its tensors are levels of wrappers, not the numbers the call computes,
+        and recomputing from them can fail inside the user's call."""
+        if not _torch_internals.is_functorch_wrapped(tensor):
+            return False
+        self._transformed = True
+        frames = getattr(self._state, "frames", None)
+        path = frames[-1].path if frames else None
+        self._warn_once(
+            ("transform", path),
+            f"{_WHO}: module {path!r} ran under a torch.func transform (vmap, grad, jacrev, "
+            "...), where its attention holds no concrete values; such calls are not recorded "
+            "(the call itself runs as without capture; warned once per module)",
+        )
+        return True
 
     # -- warnings ---------------------------------------------------------
 
@@ -715,7 +742,7 @@ class AttentionRecorder:
         )
 
     def _warn_if_empty(self) -> None:
-        if self.maps or self._recorded:
+        if self.maps or self._recorded or self._transformed:
             return
         if self._module_calls == 0 and self._graphs_record:
             message = (

@@ -477,6 +477,7 @@ class GetLocal:
                 ) from error
             target.__code__ = registration.installed_code = code
             registration.counted = counted
+            self._store.decorated_codes[code] = registration.key
         code = target.__code__
         if _run_eagerly_under_compile(target, code):
             registration.marked_for_dynamo = True
@@ -491,7 +492,6 @@ class GetLocal:
         warn_child_process = self._warn_child_process
         warn_transform = self._warn_transform
         warn_not_captured = self._warn_not_captured
-        warn_left_to_fused = self._warn_left_to_fused
 
         def keep(name, value):
             """What the cache holds for one captured value."""
@@ -537,10 +537,9 @@ class GetLocal:
         # benchmarks/), so the common case, one name, is written out in full:
         # an immutable value with nothing to select goes straight to its list.
         #
-        # A call whose names are all unbound while a fused-attention recorder
-        # is on took the fused path (timm's fused_attn with the decorator
-        # left in place): its map is recorded by visualizer.fused under this
-        # same key, so no MISSING entry is interleaved with it.
+        # While sdpa_capture holds the weights of SDPA calls made by this very
+        # call (see CaptureStore.hold_for_call), the return settles them: its
+        # frame is the caller's (the instrumented code calls the recorder).
         if len(names) == 1:
             (only_name,) = names
             needs_keep = bool(select)
@@ -548,12 +547,13 @@ class GetLocal:
             process_scope = store.process_scope  # one object for the store's lifetime
 
             def record(value):
+                if store.held_calls and store.settle_call(
+                    sys._getframe(1), key, value is MISSING
+                ):
+                    return
                 if type(value) in IMMUTABLE_TYPES and not needs_keep:
                     if in_backward is not None and in_backward() is not None:
                         return
-                elif value is MISSING and store.fused_recorders:
-                    warn_left_to_fused(key, names)
-                    return
                 else:
                     value = keep(only_name, value)
                     if value is _NOT_RECORDED:
@@ -565,8 +565,9 @@ class GetLocal:
 
         def record_several(*values):
             found = dict(zip(names, values))
-            if store.fused_recorders and all(v is MISSING for v in found.values()):
-                warn_left_to_fused(key, names)
+            if store.held_calls and store.settle_call(
+                sys._getframe(1), key, all(v is MISSING for v in values)
+            ):
                 return
             entry = {}
             for name, value in found.items():  # a loop, not a comprehension: the
@@ -621,16 +622,6 @@ class GetLocal:
             ("trace", key),
             f"get_local: {key} was captured while torch.jit.trace was tracing it; the traced "
             "module runs no Python code and will not capture when it is called",
-        )
-
-    def _warn_left_to_fused(self, key, names):
-        self._warn_once(
-            ("fused", key),
-            f"get_local: {', '.join(map(repr, names))} not bound when {key} returned while "
-            "a fused-attention recorder was on: such calls are left to sdpa_capture (which "
-            "records the attention weights of their scaled_dot_product_attention calls under "
-            "the same key) or capture_attention (under the module's path) (warned once per "
-            "function)",
         )
 
     def _warn_not_called(self, key):

@@ -31,10 +31,12 @@ call for the attention module) and other modes' `__torch_function__`. So
 timm's attention records under 'Attention.forward' and Hugging Face models
 under their attention module's forward (e.g. 'ViTAttention.forward',
 'LlamaAttention.forward'): the function one would decorate with `get_local`
-in eager mode. `get_local('attn')` may stay on that very function: while
-sdpa_capture is on, a call that leaves `attn` unbound (it took the fused
-path) is left to sdpa_capture instead of being recorded as MISSING, so the
-key holds one map per call.
+in eager mode. `get_local('attn')` may stay on that very function: one entry
+per call per key, whatever else records. A decorated call whose names are
+unbound at its return (it took the fused path) has its SDPA weights as its
+entries; one whose names are bound (`get_local('q')`) has its own entry under
+its key and its SDPA weights under `'<key>:sdpa'`, with a warning once. A
+decorated call that raises records nothing, its SDPA weights included.
 
 What is recorded is what the kernel was given: transformers packs the query
 heads of a single-token GQA decoding step into (B, Hkv, n_rep, E) when it
@@ -98,7 +100,7 @@ class _Recording:
         self.rows, self.heads = rows, heads
         self.sdpa_calls = 0
         self.mode: Optional[WatchMode] = None
-        # The store's deferring_to_fused(), entered while on.
+        # The store's fused_recording(), entered while on.
         self.deferring: Optional[ContextManager[None]] = None
 
 
@@ -155,7 +157,7 @@ class SdpaCapture:
         recording.mode.__enter__()
         store.pool.hold()  # maps are computed into the pool's memory until switched off
         # While on, get_local leaves fused-path calls of decorated functions to it.
-        recording.deferring = store.deferring_to_fused()
+        recording.deferring = store.fused_recording()
         recording.deferring.__enter__()
         self._threads.recording = recording
         with self._lock:
@@ -310,9 +312,19 @@ class SdpaCapture:
                 "weights (torch>=2.6 records between compiled graphs). Record the model "
                 "uncompiled"
             )
-        caller = self._caller_key()
+        decorated_frame, caller = self._caller()
         store = self._owner.store
         policy = store.policy
+        if _torch_internals.is_functorch_wrapped(query):
+            # vmap/grad/jacrev levels: the weights are no concrete values (get_local's rule).
+            self._warn_once(
+                (caller, "transform"),
+                f"sdpa_capture: {caller} called scaled_dot_product_attention under a torch.func "
+                "transform (vmap, grad, jacrev, ...), where its weights are not concrete values; "
+                "such calls are not recorded (the call itself runs as without capture; warned "
+                "once per function)",
+            )
+            return
         if dropout_p > 0:
             self._warn_once(
                 (caller, "dropout"),
@@ -331,24 +343,38 @@ class SdpaCapture:
             )
         request = WeightsRequest(recording.rows, recording.heads, "sdpa_capture", store.pool)
         where = f"the scaled_dot_product_attention call in {caller}"
-        weights = sdpa_call_weights(
-            query, key, attn_mask, is_causal, scale, enable_gqa, request, where
-        )
-        store.append(caller, snapshot(weights, policy, owned=True, pool=store.pool))
+        # Other recorders' modes (capture_attention's) must not see this recomputation.
+        with _torch_internals.torch_functions_unwatched():
+            weights = sdpa_call_weights(
+                query, key, attn_mask, is_causal, scale, enable_gqa, request, where
+            )
+            entry = snapshot(weights, policy, owned=True, pool=store.pool)
+        if decorated_frame is not None:
+            # get_local records this call too: its return decides where this goes.
+            store.hold_for_call(decorated_frame, caller, entry)
+        else:
+            store.append(caller, entry)
 
     def _caller_key(self) -> str:
+        return self._caller()[1]
+
+    def _caller(self) -> Tuple[Optional[FrameType], str]:
+        """The frame of the function that called SDPA, and the key its maps go under."""
         frame: Optional[FrameType] = sys._getframe(1)
         while frame is not None and _is_skipped(frame):
             frame = frame.f_back
         if frame is None:
-            return "<unknown>"
+            return None, "<unknown>"
+        decorated = self._owner.store.decorated_codes.get(frame.f_code)
+        if decorated is not None:
+            return frame, decorated  # a get_local-decorated function: its own key
         name = (_qualified_name(frame), frame.f_globals.get("__name__", ""))
         key = self._keys.get(name)
         if key is None:
             # get_local's naming: a qualified name taken by a function of
             # another module gets a module-qualified key, with a warning.
             key = self._keys[name] = self._owner.store.key_for(*name)
-        return key
+        return None, key
 
     def _warn_unseen_multi_head_attention(self) -> None:
         caller = self._caller_key()

@@ -14,7 +14,10 @@ torch is never imported here.
 import collections
 import contextlib
 import itertools
+import sys
 import threading
+import weakref
+from types import CodeType, FrameType
 from typing import (
     Any,
     Callable,
@@ -396,6 +399,16 @@ class _TicksUntilFull:
             self.scope.on_first_drop(sink.key, self.bound)
 
 
+class _HeldCall:
+    """What a fused recorder held for one running decorated call: (scope, entry) pairs."""
+
+    __slots__ = ("frame", "entries")
+
+    def __init__(self, frame: FrameType) -> None:
+        self.frame: Optional[FrameType] = frame  # kept, so that its id names only it
+        self.entries: List[Tuple[Scope, Any]] = []
+
+
 class CaptureStore:
     """The caches captures go to, plus what guards them: policies, locks, keys, the pool.
 
@@ -426,6 +439,14 @@ class CaptureStore:
         self._threads = threading.local()
         # How many fused-attention recorders write here (see deferring_to_fused).
         self.fused_recorders = 0
+        # instrumented code object -> the key its recorder captures under
+        # (weak: dropping a decorated function frees its code, see issue 22)
+        self.decorated_codes: "weakref.WeakKeyDictionary[CodeType, str]" = (
+            weakref.WeakKeyDictionary()
+        )
+        # id(frame) -> _HeldCall: fused entries waiting for a decorated call's return
+        self._held: Dict[int, _HeldCall] = {}
+        self.held_calls = 0  # len(self._held), read without the lock by recorders
         self._lock = threading.Lock()
         # qualified name -> module of the function that took it as its key
         self._key_modules: Dict[str, str] = {}
@@ -484,21 +505,88 @@ class CaptureStore:
         return key
 
     @contextlib.contextmanager
-    def deferring_to_fused(self) -> Iterator[None]:
-        """A block in which a fused-attention recorder captures fused-attention calls.
+    def fused_recording(self) -> Iterator[None]:
+        """A block in which a fused-attention recorder (`sdpa_capture`) may hold entries.
 
-        While inside, a decorated call whose names are all unbound (it took a
-        fused path such as timm's `fused_attn`) records nothing instead of
-        MISSING: the fused recorder records its map. `sdpa_capture` (per thread
-        that is on) and `capture_attention` (while recording) enter it.
+        While any such block is open, every decorated call's return goes
+        through its recorder (no fast path), which settles what was held for
+        the call (see `hold_for_call`).
         """
         with self._lock:
             self.fused_recorders += 1
+        self.repoint()  # every decorated call's return must look for held entries
         try:
             yield
         finally:
             with self._lock:
                 self.fused_recorders -= 1
+                self._drop_finished_calls()
+            self.repoint()
+
+    # -- one entry per call per key: fused entries of decorated calls -------
+    #
+    # sdpa_capture names an SDPA call's weights after the function that made
+    # it. When that function is itself decorated with get_local, both would
+    # record under one key: two entries for one call. So the fused entry is
+    # held until the decorated call returns, and the return decides: names
+    # unbound (timm's fused path: `attn` never formed) -> the held weights are
+    # the call's entries under its key; names bound -> the call's own entry
+    # goes under its key and the weights under `key:sdpa`. A call that raises
+    # records nothing (get_local's rule), its held weights included.
+
+    def hold_for_call(self, frame: FrameType, key: str, entry: Any) -> None:
+        """Keep `entry` (a fused recorder's) until the decorated call running in `frame` returns."""
+        scope = self.current()
+        with self._lock:
+            self._drop_finished_calls()
+            held = self._held.get(id(frame))
+            if held is None:
+                held = self._held[id(frame)] = _HeldCall(frame)
+                self.held_calls = len(self._held)
+            held.entries.append((scope, entry))
+
+    def settle_call(self, frame: FrameType, key: str, unbound: bool) -> bool:
+        """The decorated call in `frame` returns: place what was held for it.
+
+        Returns whether the held entries are the call's entries (its names
+        were `unbound`), so that the call records nothing of its own.
+        """
+        with self._lock:
+            held = self._held.get(id(frame))
+            if held is None or held.frame is not frame:
+                return False
+            del self._held[id(frame)]
+            self.held_calls = len(self._held)
+        held.frame = None  # its locals are the user's: not kept a moment longer
+        target = key if unbound else f"{key}:sdpa"
+        if not unbound:
+            self.warn_once(
+                ("held", key),
+                f"sdpa_capture: {key} is also captured by get_local, and its names were bound: "
+                f"one entry per call per key, so the weights of its "
+                f"scaled_dot_product_attention calls go under {target!r} (warned once per key)",
+            )
+        for scope, entry in held.entries:
+            scope.append(target, entry)
+        return unbound
+
+    def drop_finished_calls(self) -> None:
+        """Forget what was held for decorated calls that ended by raising."""
+        with self._lock:
+            self._drop_finished_calls()
+
+    def _drop_finished_calls(self) -> None:
+        if not self._held:
+            return
+        running = set()
+        for top in sys._current_frames().values():
+            frame: Optional[FrameType] = top
+            while frame is not None:
+                running.add(id(frame))
+                frame = frame.f_back
+        for ident in [ident for ident in self._held if ident not in running]:
+            self._held.pop(ident).frame = None
+        self.held_calls = len(self._held)
 
     # -- the fast path of instrumented code --------------------------------
 
@@ -536,6 +624,8 @@ class CaptureStore:
     ) -> Tuple[Callable[[Any], Any], Iterator[Any]]:
         """(call, ticks) for `sink` in the current state; `current_node` None without torch."""
         fallback = sink.fallback, _NO_TICKS
+        if self.fused_recorders:
+            return fallback  # a return must settle what a fused recorder held for the call
         if self.open_scopes:
             return fallback  # a thread may record into its own scope: each call must look
         scope = self.process_scope
