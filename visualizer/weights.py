@@ -398,9 +398,15 @@ def _positions(
     who: str,
     device: torch.device,
 ) -> torch.Tensor:
-    """The selected indices for an axis of `size`, as an int64 tensor on `device`."""
+    """The selected indices for an axis of `size`, as an int64 tensor on `device`.
+
+    An empty axis (a call with no queries, an input of no tokens) selects
+    nothing whatever the selection: the call's entry is empty along it, as the
+    call's own output is, instead of the user's call failing."""
     positions: Sequence[int]
-    if isinstance(selection, slice):
+    if size == 0:
+        positions = []
+    elif isinstance(selection, slice):
         positions = range(size)[selection]
         if not positions:
             raise VisualizerError(
