@@ -94,14 +94,14 @@ _WATCHED = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_for
 class _Recording:
     """One thread's recording: its mode on that thread's stack, its selection, its count."""
 
-    __slots__ = ("mode", "rows", "heads", "sdpa_calls", "deferring")
+    __slots__ = ("mode", "rows", "heads", "sdpa_calls", "fused")
 
     def __init__(self, rows: CheckedSelection, heads: CheckedSelection) -> None:
         self.rows, self.heads = rows, heads
         self.sdpa_calls = 0
         self.mode: Optional[WatchMode] = None
         # The store's fused_recording(), entered while on.
-        self.deferring: Optional[ContextManager[None]] = None
+        self.fused: Optional[ContextManager[None]] = None
 
 
 class SdpaCapture:
@@ -156,9 +156,9 @@ class SdpaCapture:
         recording.mode = WatchMode(_WATCHED, self._listener(recording))
         recording.mode.__enter__()
         store.pool.hold()  # maps are computed into the pool's memory until switched off
-        # While on, get_local leaves fused-path calls of decorated functions to it.
-        recording.deferring = store.fused_recording()
-        recording.deferring.__enter__()
+        # While on, decorated calls settle what it holds for them at their return.
+        recording.fused = store.fused_recording()
+        recording.fused.__enter__()
         self._threads.recording = recording
         with self._lock:
             self._recordings.add(recording)
@@ -200,8 +200,8 @@ class SdpaCapture:
             return
         mode.on = False
         self._owner.store.pool.let_go()
-        if recording.deferring is not None:
-            recording.deferring.__exit__(None, None, None)
+        if recording.fused is not None:
+            recording.fused.__exit__(None, None, None)
         if warn_if_empty and mode.calls and not recording.sdpa_calls:
             warn_user(
                 f"sdpa_capture: {mode.calls} torch function calls ran while it was on, none "

@@ -437,7 +437,7 @@ class CaptureStore:
         # straight to process_scope without a thread-local lookup.
         self.open_scopes = 0
         self._threads = threading.local()
-        # How many fused-attention recorders write here (see deferring_to_fused).
+        # How many fused-attention recorders write here (see fused_recording).
         self.fused_recorders = 0
         # instrumented code object -> the key its recorder captures under
         # (weak: dropping a decorated function frees its code, see issue 22)
