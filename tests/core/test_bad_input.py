@@ -368,6 +368,23 @@ def test_the_sweep_covers_every_function_and_argument():
         (lambda: save_cache({"f": [{1: np.zeros(2)}]}, "/dev/null"), r"names must be strings"),
         (lambda: save_cache({"f": [np.zeros(2)]}, 3.5), r"path"),
         (lambda: load_cache(None), r"path"),
+        (lambda: encode_rows(None), r"encode_rows: array must be a numpy array of real numbers"),
+        (lambda: encode_rows([[0.5, 0.5]]), r"array must be a numpy array.*got list"),
+        (lambda: encode_rows(np.array([[np.nan, 1.0]])), r"array must hold finite numbers >= 0"),
+        (lambda: encode_rows(np.array([[-0.5, 1.0]])), r"array must hold finite numbers >= 0"),
+        (lambda: encode_rows(np.zeros((2, 0))), r"array must have shape \(..., K\) with K >= 1"),
+        (lambda: encode_rows(np.float64(0.5)), r"array must be a numpy array.*got float64"),
+        (lambda: decode_rows(*encode_rows(ROWS)[:1], encode_rows(ROWS)[1][:1]),
+         r"decode_rows: peaks must have the shape of codes without its last axis, \(2,\); "
+         r"got shape \(1,\)"),
+        (lambda: decode_rows(ROWS, encode_rows(ROWS)[1]), r"codes must be the uint8 array"),
+        (lambda: PAGE.save(""), r"Explorer.save: path must be a file path.*got str ''"),
+        (lambda: PAGE.save(None), r"Explorer.save: path must be a file path"),
+        (lambda: GetLocal()()(_attend), r"get_local: expected at least one variable name.*got no "
+                                        r"names"),
+        (lambda: GetLocal()("mean")(_attend), r"'mean' is not a local variable of _attend; "
+                                              r"expected one of its locals: \['attn', 'x'\] "
+                                              r"\(names given: \['mean'\]\)"),
     ],
 )
 def test_named_bad_inputs_are_refused(call, message):
