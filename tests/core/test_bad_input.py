@@ -47,6 +47,26 @@ def _maps():
     return [MAP.copy(), MAP.copy()]
 
 
+def _timm_like(grid_size, patch_size, num_prefix_tokens):
+    """ImageGeometry.from_model of a timm-like model with these attributes: what a model
+    holds is swept as the arguments are."""
+    model = SimpleNamespace(
+        patch_embed=SimpleNamespace(grid_size=grid_size, patch_size=patch_size),
+        num_prefix_tokens=num_prefix_tokens,
+    )
+    geometry = ImageGeometry.from_model(model)
+    assert geometry.num_prefix_tokens == num_prefix_tokens
+    return geometry
+
+
+def _grid_of_model(value):
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iu" and value.size == 2 and bool((value > 0).all())
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(positive_int(side) for side in value)
+    return positive_int(value)
+
+
 ANALYSIS = [
     Case(
         analysis.cls_attention,
@@ -171,6 +191,9 @@ ANALYSIS = [
             "std": None,
         },
     ),
+    Case(_timm_like, lambda: {"grid_size": (2, 2), "patch_size": (16, 16),
+                              "num_prefix_tokens": 1},
+         {"grid_size": _grid_of_model, "num_prefix_tokens": lambda v: is_int(v) and v >= 0}),
     Case(
         ImageGeometry.from_config,
         lambda: {
@@ -368,6 +391,13 @@ def test_the_sweep_covers_every_function_and_argument():
         (lambda: save_cache({"f": [{1: np.zeros(2)}]}, "/dev/null"), r"names must be strings"),
         (lambda: save_cache({"f": [np.zeros(2)]}, 3.5), r"path"),
         (lambda: load_cache(None), r"path"),
+        (lambda: _timm_like("ab", 16, 1), r"from_model: the model's grid_size must be \(h, w\)"),
+        (lambda: _timm_like(object(), 16, 1), r"model's grid_size must be \(h, w\), ints"),
+        (lambda: _timm_like(np.array([1.5, 2.0]), 16, 1), r"model's grid_size must be"),
+        (lambda: _timm_like(2, 16, "x"), r"from_model: the model's num_prefix_tokens must be an "
+                                         r"int >= 0; got 'x'"),
+        (lambda: _timm_like(2, 16, 1.7), r"model's num_prefix_tokens must be an int >= 0"),
+        (lambda: _timm_like(2, 16, True), r"model's num_prefix_tokens must be an int >= 0"),
         (lambda: encode_rows(None), r"encode_rows: array must be a numpy array of real numbers"),
         (lambda: encode_rows([[0.5, 0.5]]), r"array must be a numpy array.*got list"),
         (lambda: encode_rows(np.array([[np.nan, 1.0]])), r"array must hold finite numbers >= 0"),
