@@ -268,7 +268,7 @@ def test_gather_checks_its_arguments_before_any_communication():
         gather({"f": 3})
     with pytest.raises(VisualizerError, match=r"all_gather: cache must map each key to a list"):
         all_gather({"f": "ab"})  # a string is not its characters' list
-    with pytest.raises(VisualizerError, match=r"all_gather: cache must be get_local.cache .*got list"):
+    with pytest.raises(VisualizerError, match=r"all_gather: cache must be get_local.cache"):
         all_gather([])
     with pytest.raises(VisualizerError, match=r"gather: dst must be an int \(a global rank\); "
                        r"got '0'"):
