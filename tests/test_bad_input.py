@@ -2,6 +2,7 @@
 
 The torch-free sweep of analysis and files is tests/core/test_bad_input.py.
 """
+import contextlib
 import functools
 import warnings
 
@@ -22,7 +23,18 @@ from tests.core.sweep import (  # noqa: E402
     positive_int,
     sweep_test,
 )
-from visualizer import VisualizerError, attention, capture_attention, explore, plot  # noqa: E402
+from tests.core.test_bad_input import EXPLORER  # noqa: E402
+from visualizer import (  # noqa: E402
+    VisualizerError,
+    all_gather,
+    attention,
+    capture_attention,
+    distributed,
+    explore,
+    explorer,
+    gather,
+    plot,
+)
 from visualizer.capture import GetLocal  # noqa: E402
 from visualizer.fused import SdpaCapture  # noqa: E402
 
@@ -160,12 +172,66 @@ CAPTURE = [
 ]
 
 
-test_every_argument_is_checked = sweep_test(PLOTS + CAPTURE, max_examples=15)
+@contextlib.contextmanager
+def _one_process_group():
+    """A gloo process group of this process alone (world size 1), for as long as the block."""
+    dist = torch.distributed
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _gathered(result, cache):
+    """A gathered cache of one process: {0: the cache, same keys and entries}."""
+    assert list(result) == [0] and list(result[0]) == list(cache)
+    assert all(list(result[0][key]) == list(cache[key]) for key in cache)
+    return result
+
+
+@functools.wraps(gather)
+def _gather(**kwargs):
+    with _one_process_group():
+        return _gathered(gather(**kwargs), kwargs["cache"])
+
+
+@functools.wraps(all_gather)
+def _all_gather(**kwargs):
+    with _one_process_group():
+        return _gathered(all_gather(**kwargs), kwargs["cache"])
+
+
+def _a_cache(value):
+    return isinstance(value, dict) and all(isinstance(e, (list, tuple)) for e in value.values())
+
+
+def _no_group(value):
+    return value is None
+
+
+GATHER = [
+    Case(
+        _gather,
+        lambda: {"cache": {"f": [1, 2.0]}, "dst": 0, "group": None},
+        {"cache": _a_cache, "dst": lambda v: index_in(1)(v) and v == 0, "group": _no_group},
+    ),
+    Case(
+        _all_gather,
+        lambda: {"cache": {"f": [1, 2.0]}, "group": None},
+        {"cache": _a_cache, "group": _no_group},
+    ),
+]
+
+test_every_argument_is_checked = sweep_test(PLOTS + CAPTURE + GATHER, max_examples=15)
 
 
 def test_the_sweep_covers_every_function_and_argument():
     check_coverage(PLOTS, plot)
     check_coverage(CAPTURE, attention)
+    check_coverage(GATHER, distributed)
+    check_coverage([case for case in PLOTS if case.func is explore] + EXPLORER[:2], explorer)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +259,39 @@ def test_named_bad_inputs_are_refused(call, message):
         warnings.simplefilter("ignore")  # the image/grid registration warning is not the point
         with pytest.raises(VisualizerError, match=message):
             call()
+
+
+def test_gather_checks_its_arguments_before_any_communication():
+    """Without a process group, the wrong kind of argument is named first."""
+    with pytest.raises(VisualizerError, match=r"gather: cache must map each key to a list of "
+                       r"entries; got cache\['f'\] = int"):
+        gather({"f": 3})
+    with pytest.raises(VisualizerError, match=r"all_gather: cache must map each key to a list"):
+        all_gather({"f": "ab"})  # a string is not its characters' list
+    with pytest.raises(VisualizerError, match=r"all_gather: cache must be get_local.cache"):
+        all_gather([])
+    with pytest.raises(VisualizerError, match=r"gather: dst must be an int \(a global rank\); "
+                       r"got '0'"):
+        gather({}, dst="0")
+    with pytest.raises(VisualizerError, match=r"gather: dst must be an int.*got True"):
+        gather({}, dst=True)
+    with pytest.raises(VisualizerError, match=r"all_gather: group must be a torch.distributed "
+                       r"process group or None \(the world\); got str"):
+        all_gather({}, group="world")
+
+
+def test_gather_in_a_group_of_one_checks_dst_and_returns_the_cache():
+    with _one_process_group():
+        with pytest.raises(VisualizerError, match=r"gather: dst must be the global rank of a "
+                           r"process in the group, one of 0; got 1"):
+            gather({}, dst=1)
+        with pytest.raises(VisualizerError, match=r"one of 0; got -1"):
+            gather({}, dst=-1)
+        cache = {"f": [np.arange(3.0), {"attn": np.ones(2)}]}
+        (got,) = gather(cache, dst=np.int64(0)).values()
+        assert list(got) == ["f"] and np.array_equal(got["f"][0], np.arange(3.0))
+        assert got["f"][0].dtype == np.float64 and np.array_equal(got["f"][1]["attn"], np.ones(2))
+        assert all_gather({"g": (1, 2)}) == {0: {"g": [1, 2]}}
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -739,7 +739,7 @@ def _apply_select(chooser, value, key, name):
 def _validate_names(names):
     if not names:
         raise VisualizerError(
-            "get_local: expected at least one variable name, e.g. get_local('attn'); got none"
+            "get_local: expected at least one variable name, e.g. get_local('attn'); got no names"
         )
     for name in names:
         if not isinstance(name, str) or not name.isidentifier():
@@ -798,7 +798,8 @@ def _find_target(obj, names):
     missing = [name for name in names if name not in available]
     raise VisualizerError(
         f"get_local: {', '.join(map(repr, missing))} is not a local variable of "
-        f"{innermost.__qualname__}; expected one of its locals: {sorted(available)}"
+        f"{innermost.__qualname__}; expected one of its locals: {sorted(available)} "
+        f"(names given: {list(names)})"
     )
 
 

@@ -18,8 +18,10 @@ with NCCL, each is staged through GPU memory); capture only what you need
 (`rows=0`, `ranks=`, `max_entries=`) before gathering.
 """
 
+import collections
 from typing import Any, Dict, List, Optional, Union, overload
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,8 @@ from .maps import AttentionMaps
 
 # A rank's cache: `get_local.cache` (key -> list of entries) or `AttentionMaps`.
 Cache = Dict[str, List[Any]]
+# What a cache holds per key: a list, or a BoundedEntries under max_entries.
+_ENTRY_LISTS = (list, tuple, collections.deque)
 # What one rank sends: {"entries": key -> entries, "dropped": key -> count}.
 _Payload = Dict[str, Dict[str, Any]]
 
@@ -59,7 +63,17 @@ def gather(
         On `dst`: a dict rank -> that rank's cache (same type as given). On
         every other rank: None.
     """
-    world = _world("gather", cache, group)
+    _check_arguments("gather", cache, group)
+    if isinstance(dst, bool) or not isinstance(dst, (int, np.integer)):
+        raise VisualizerError(f"gather: dst must be an int (a global rank); got {dst!r}")
+    dst = int(dst)
+    world = _world("gather", group)
+    members = _ranks_of(group, world)
+    if dst not in members:
+        raise VisualizerError(
+            f"gather: dst must be the global rank of a process in the group, one of "
+            f"{_ranks_text(members)}; got {dst}"
+        )
     payload = _portable(cache)
     if dist.get_rank() == dst:
         received: List[Any] = [None] * world
@@ -83,25 +97,55 @@ def all_gather(
     cache: Cache, group: "Optional[dist.ProcessGroup]" = None
 ) -> Union[Dict[int, AttentionMaps], Dict[int, Cache]]:
     """Every rank's cache, on every rank: a dict rank -> that rank's cache."""
-    world = _world("all_gather", cache, group)
+    _check_arguments("all_gather", cache, group)
+    world = _world("all_gather", group)
     received: List[Any] = [None] * world
     dist.all_gather_object(received, _portable(cache), group=group)
     return {rank: _restore(part, cache) for rank, part in enumerate(received)}
 
 
-def _world(who: str, cache: object, group: "Optional[dist.ProcessGroup]") -> int:
+def _check_arguments(who: str, cache: object, group: object) -> None:
+    """Refuse a cache or group of the wrong kind before any communication."""
+    if not isinstance(cache, dict):
+        raise VisualizerError(
+            f"{who}: cache must be get_local.cache or the maps of capture_attention (a dict of "
+            f"key -> list of entries); got {type(cache).__qualname__}"
+        )
+    for key, entries in cache.items():
+        if not isinstance(entries, _ENTRY_LISTS):
+            raise VisualizerError(
+                f"{who}: cache must map each key to a list of entries; got "
+                f"cache[{key!r}] = {type(entries).__qualname__}"
+            )
+    process_group = getattr(dist, "ProcessGroup", None)
+    if group is not None and (process_group is None or not isinstance(group, process_group)):
+        raise VisualizerError(
+            f"{who}: group must be a torch.distributed process group or None (the world); "
+            f"got {type(group).__qualname__}"
+        )
+
+
+def _world(who: str, group: "Optional[dist.ProcessGroup]") -> int:
     if not (dist.is_available() and dist.is_initialized()):
         raise VisualizerError(
             f"{who}: torch.distributed is not initialised; expected a process group "
             "(torch.distributed.init_process_group, or a torchrun / mp.spawn launch) before "
             "gathering captures"
         )
-    if not isinstance(cache, dict):
-        raise VisualizerError(
-            f"{who}: expected get_local.cache or the maps of capture_attention (a dict of "
-            f"key -> list of entries); got {type(cache).__qualname__}"
-        )
     return dist.get_world_size(group)
+
+
+def _ranks_of(group: "Optional[dist.ProcessGroup]", world: int) -> List[int]:
+    """The global ranks of ``group``'s processes (the world's when None)."""
+    if group is None:
+        return list(range(world))
+    return list(dist.get_process_group_ranks(group))
+
+
+def _ranks_text(ranks: List[int]) -> str:
+    if ranks == list(range(len(ranks))):
+        return f"0..{len(ranks) - 1}" if len(ranks) > 1 else "0"
+    return str(ranks)
 
 
 def _portable(cache: Cache) -> _Payload:

@@ -45,6 +45,7 @@ from ._arrays import (
     ArrayOrTensor,
     check_bool,
     check_index,
+    check_path,
     check_probabilities,
     image_pixels,
     index_list,
@@ -277,6 +278,7 @@ class Explorer:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the page to ``path`` (one file that opens offline anywhere); return the path."""
+        check_path(path, "Explorer.save")
         target = Path(path)
         target.write_text(self.html, encoding="utf-8")
         return target
@@ -629,6 +631,7 @@ def encode_rows(array: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         >>> codes.tolist(), peaks.tolist()
         ([[0, 86, 255]], [0.75])
     """
+    array = _rows(array, "encode_rows", "array")
     peaks = array.max(axis=-1).astype(np.float32)
     safe = np.where(peaks > 0, peaks, 1.0)[..., None]
     steps = np.rint(array / safe * _STEPS) + 1
@@ -638,8 +641,43 @@ def encode_rows(array: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def decode_rows(codes: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     """The values :func:`encode_rows` stands for, as the page decodes them (float64)."""
+    func = "decode_rows"
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim < 1:
+        raise VisualizerError(
+            f"{func}: codes must be the uint8 array (..., K) of encode_rows; got "
+            f"{_described(codes)}"
+        )
+    peaks = _rows(peaks, func, "peaks", keys=False)
+    if peaks.shape != codes.shape[:-1]:
+        raise VisualizerError(
+            f"{func}: peaks must have the shape of codes without its last axis, "
+            f"{codes.shape[:-1]}; got shape {peaks.shape}"
+        )
     values = (codes.astype(np.float64) - 1) / _STEPS * peaks[..., None].astype(np.float64)
     return np.where(codes > 0, values, 0.0)
+
+
+def _rows(value: Any, func: str, name: str, keys: bool = True) -> np.ndarray:
+    """``value`` as a numpy array of finite numbers >= 0: rows ``(..., K)``, K >= 1, if ``keys``."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+        raise VisualizerError(
+            f"{func}: {name} must be a numpy array of real numbers; got {_described(value)}"
+        )
+    if keys and (value.ndim < 1 or value.shape[-1] == 0):
+        raise VisualizerError(
+            f"{func}: {name} must have shape (..., K) with K >= 1 keys; got shape {value.shape}"
+        )
+    if not np.isfinite(value).all() or (value < 0).any():
+        raise VisualizerError(
+            f"{func}: {name} must hold finite numbers >= 0; got NaN, infinite or negative values"
+        )
+    return value
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return f"{type(value).__name__} {value!r}"
 
 
 def _encode(

@@ -10,6 +10,7 @@ torch is not imported here.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
@@ -325,7 +326,7 @@ class ImageGeometry:
 
         patch = _patch_pair(find("patch_size"), func)
         if image_size is None:
-            grid = _grid_pair(_int_pair(find("grid_size")), func)
+            grid = _grid_pair(_int_pair(find("grid_size"), func), func)
             size = find("img_size", "image_size")
         else:
             grid, size = None, image_size  # run at another size: the grid follows it
@@ -339,7 +340,7 @@ class ImageGeometry:
                 "with patch_size (timm-like); build ImageGeometry(grid_size=...) yourself"
             )
         if num_prefix_tokens is None:
-            num_prefix_tokens = _count_prefix_tokens(model)
+            num_prefix_tokens = _count_prefix_tokens(model, func)
         if num_prefix_tokens is None:
             raise VisualizerError(
                 f"{func}: cannot infer the number of prefix tokens of {name}: looked for "
@@ -371,18 +372,36 @@ _HF_PREFIX_TOKENS = {
 }
 
 
-def _int_pair(value: Any) -> Any:
-    """A tensor or array grid size as a tuple; anything else unchanged."""
+def _int_pair(value: Any, func: str) -> Any:
+    """A tensor or array grid size as a tuple of ints; anything else unchanged."""
     if value is None or isinstance(value, (int, tuple, list)):
         return value
-    return tuple(int(side) for side in np.asarray(value).ravel())
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        array = np.asarray(None)  # refused below
+    if array.dtype.kind not in "iu":
+        raise VisualizerError(
+            f"{func}: the model's grid_size must be (h, w), ints; got {value!r}"
+        )
+    return tuple(int(side) for side in array.ravel())
 
 
-def _count_prefix_tokens(model: Any) -> Optional[int]:
+def _count_prefix_tokens(model: Any, func: str) -> Optional[int]:
     """``model.num_prefix_tokens``, else the prefix token parameters counted; None if neither."""
     declared = getattr(model, "num_prefix_tokens", None)
     if declared is not None:
-        return int(declared)
+        try:
+            if isinstance(declared, bool):
+                raise TypeError
+            count = operator.index(declared)  # an int, numpy or torch integer
+        except TypeError:
+            count = -1
+        if count < 0:
+            raise VisualizerError(
+                f"{func}: the model's num_prefix_tokens must be an int >= 0; got {declared!r}"
+            )
+        return count
     found = None
     for name in ("cls_token", "class_token", "dist_token", "reg_token", "register_tokens"):
         if not hasattr(model, name):

@@ -153,3 +153,34 @@ def check_coverage(cases, module):
     for case in cases:
         arguments = set(inspect.signature(case.func).parameters) - {"self"}
         assert set(case.kwargs()) == arguments, f"{case.name}: sweep {sorted(case.kwargs())}"
+
+
+def _function_of(func: Any) -> Any:
+    """The function a case calls: a class's __init__, a method's function, unwrapped."""
+    if inspect.isclass(func):
+        func = vars(func)["__init__"]
+    if isinstance(func, (classmethod, staticmethod)):
+        func = func.__func__
+    return getattr(inspect.unwrap(func), "__func__", inspect.unwrap(func))
+
+
+def check_class_coverage(cases, cls, also=()):
+    """Every public method of ``cls`` that takes arguments (and each of ``also``, e.g.
+    ``"__call__"``, ``"__init__"``) is swept, each with every one of its arguments."""
+    swept = {_function_of(case.func) for case in cases}
+    public = {}
+    for name, value in vars(cls).items():
+        if name.startswith("_") and name not in also:
+            continue
+        if isinstance(value, (classmethod, staticmethod)):
+            value = value.__func__
+        if not inspect.isfunction(value):
+            continue  # properties, attributes
+        function = _function_of(value)
+        if set(inspect.signature(function).parameters) - {"self", "cls"}:
+            public[name] = function
+    missing = sorted(name for name, function in public.items() if function not in swept)
+    assert not missing, f"{cls.__qualname__}: not swept: {missing}"
+    for case in cases:
+        arguments = set(inspect.signature(case.func).parameters) - {"self"}
+        assert set(case.kwargs()) == arguments, f"{case.name}: sweep {sorted(case.kwargs())}"

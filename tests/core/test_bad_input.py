@@ -3,8 +3,11 @@
 Torch-free (tests/core): the plots and the explorer are swept in tests/test_bad_input.py.
 """
 import functools
+import inspect
 import os
 import tempfile
+import types
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from tests.core.sweep import (
     Case,
     check,
+    check_class_coverage,
     check_coverage,
     index_in,
     is_bool,
@@ -30,8 +34,10 @@ from visualizer import (
     policy,
     save_cache,
 )
+from visualizer import explorer
 from visualizer.capture import GetLocal
 from visualizer.analysis import ImageGeometry
+from visualizer.explorer import Explorer, decode_rows, encode_rows, explore
 
 # One forward of a 2-layer model: (B=2, H=3, N=1 + 2x2) per layer.
 MAP = np.full((2, 3, 5, 5), 0.2)
@@ -39,6 +45,26 @@ MAP = np.full((2, 3, 5, 5), 0.2)
 
 def _maps():
     return [MAP.copy(), MAP.copy()]
+
+
+def _timm_like(grid_size, patch_size, num_prefix_tokens):
+    """ImageGeometry.from_model of a timm-like model with these attributes: what a model
+    holds is swept as the arguments are."""
+    model = SimpleNamespace(
+        patch_embed=SimpleNamespace(grid_size=grid_size, patch_size=patch_size),
+        num_prefix_tokens=num_prefix_tokens,
+    )
+    geometry = ImageGeometry.from_model(model)
+    assert geometry.num_prefix_tokens == num_prefix_tokens
+    return geometry
+
+
+def _grid_of_model(value):
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iu" and value.size == 2 and bool((value > 0).all())
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(positive_int(side) for side in value)
+    return positive_int(value)
 
 
 ANALYSIS = [
@@ -140,6 +166,35 @@ ANALYSIS = [
         },
     ),
     Case(
+        ImageGeometry.resolve,
+        lambda: {
+            "geometry": ImageGeometry(grid_size=2, num_prefix_tokens=1, patch_size=16),
+            "caller": "f",
+            "grid_size": None,
+            "num_prefix_tokens": None,
+            "patch_size": None,
+            "mean": None,
+            "std": None,
+        },
+        {"geometry": lambda v: v is None or isinstance(v, ImageGeometry)},
+    ),
+    Case(
+        ImageGeometry.from_model,
+        lambda: {
+            "model": SimpleNamespace(
+                patch_embed=SimpleNamespace(grid_size=(2, 2), patch_size=(16, 16)),
+                num_prefix_tokens=1,
+            ),
+            "image_size": None,
+            "num_prefix_tokens": None,
+            "mean": None,
+            "std": None,
+        },
+    ),
+    Case(_timm_like, lambda: {"grid_size": (2, 2), "patch_size": (16, 16),
+                              "num_prefix_tokens": 1},
+         {"grid_size": _grid_of_model, "num_prefix_tokens": lambda v: is_int(v) and v >= 0}),
+    Case(
         ImageGeometry.from_config,
         lambda: {
             "config": type("Config", (), {"image_size": 32, "patch_size": 16})(),
@@ -183,6 +238,58 @@ def _activate(**kwargs):
         get_local.activate(**kwargs)
     finally:
         get_local.deactivate()
+    assert not get_local.is_active  # the sweep leaves capture off
+
+
+@functools.wraps(GetLocal.capture)
+def _capture_block(**kwargs):
+    get_local = GetLocal()
+    with get_local.capture(**kwargs) as cache:
+        assert cache == {}
+    assert not get_local.is_active  # the block leaves capture off
+
+
+def _attend(x):
+    attn = x + 1
+    return attn
+
+
+@functools.wraps(GetLocal.__call__)
+def _decorate(names, select):
+    """``get_local(*names, select=select)`` on a function whose locals are x and attn; a
+    name that is not a tuple is given as the one name."""
+    get_local = GetLocal()
+    function = types.FunctionType(_attend.__code__, _attend.__globals__, "attend")
+    decorated = get_local(*(names if isinstance(names, tuple) else (names,)), select=select)(
+        function
+    )
+    assert decorated is function  # decorating never wraps
+    with get_local.capture() as cache:
+        assert function(1) == 2
+    assert not get_local.is_active
+    (entry,) = cache[get_local.key_of(function)]  # one call, one entry
+    return entry
+
+
+def _names(value):
+    names = value if isinstance(value, tuple) else (value,)
+    return bool(names) and all(isinstance(name, str) and name in ("x", "attn") for name in names)
+
+
+def _select(value):
+    return value is None or callable(value) or (
+        isinstance(value, dict) and all(name == "attn" and callable(f) for name, f in value.items())
+    )
+
+
+@functools.wraps(GetLocal.key_of)
+def _key_of(function):
+    get_local = GetLocal()
+    decorated = types.FunctionType(_attend.__code__, _attend.__globals__, "attend")
+    get_local("attn")(decorated)
+    key = get_local.key_of(function)
+    assert key is None or key == get_local.key_of(decorated)
+    return key
 
 
 STORAGE_OPTIONS = {"keep_on_device": False, "dtype": None, "max_entries": None, "detach": True}
@@ -198,16 +305,71 @@ CAPTURE = [
         lambda: {**STORAGE_OPTIONS, "ranks": None},
         {"keep_on_device": is_bool, "detach": is_bool},
     ),
+    Case(
+        _capture_block,
+        lambda: {**STORAGE_OPTIONS, "ranks": None},
+        {"keep_on_device": is_bool, "detach": is_bool},
+    ),
+]
+DECORATOR = [
+    Case(_decorate, lambda: {"names": ("attn",), "select": None},
+         {"names": _names, "select": _select}),
+    Case(_key_of, lambda: {"function": _attend}),
 ]
 
 
-test_every_argument_is_checked = sweep_test(ANALYSIS + FILES + CAPTURE, max_examples=40)
+def _rows_of(value, keys=True):
+    """Whether ``value`` is what encode_rows takes: finite numbers >= 0, (..., K >= 1)."""
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype.kind in "iuf"
+        and (not keys or (value.ndim >= 1 and value.shape[-1] > 0))
+        and bool(np.isfinite(value).all())
+        and not (value < 0).any()
+    )
+
+
+ROWS = np.array([[0.0, 0.25, 0.75], [0.5, 0.5, 0.0]])
+PAGE = explore(np.full((2, 3, 3), 1 / 3), tokens=["a", "b", "c"])
+
+
+@_in_a_temporary_folder
+@functools.wraps(Explorer.save)
+def _save(path):
+    written = PAGE.save(path)
+    assert written.read_text(encoding="utf-8") == PAGE.html
+    return written
+
+
+EXPLORER = [
+    Case(encode_rows, lambda: {"array": ROWS}, {"array": _rows_of}),
+    Case(
+        decode_rows,
+        lambda: {"codes": encode_rows(ROWS)[0], "peaks": encode_rows(ROWS)[1]},
+        {"peaks": lambda v: _rows_of(v, keys=False) and v.shape == (2,)},
+    ),
+    Case(_save, lambda: {"path": "page.html"}),
+]
+
+
+test_every_argument_is_checked = sweep_test(
+    ANALYSIS + FILES + CAPTURE + DECORATOR + EXPLORER, max_examples=40
+)
 
 
 def test_the_sweep_covers_every_function_and_argument():
     check_coverage(ANALYSIS, analysis)
     check_coverage(FILES, files)
     check_coverage(CAPTURE, policy)
+    check_class_coverage(CAPTURE + DECORATOR, GetLocal, also=("__call__",))
+    check_class_coverage(ANALYSIS, ImageGeometry, also=("__init__",))
+    # explore itself is swept with the plots (tests/test_bad_input.py, which checks the
+    # whole module); here the rest of the explorer's functions.
+    public = {name for name in vars(explorer) if not name.startswith("_")
+              and inspect.isfunction(getattr(explorer, name))
+              and getattr(explorer, name).__module__ == explorer.__name__}
+    assert public - {"explore"} == {case.func.__name__ for case in EXPLORER[:2]}
+    check_class_coverage(EXPLORER, Explorer)
 
 
 # The cases met in use, each also in the sweep's reach; kept by name so that a
@@ -229,6 +391,30 @@ def test_the_sweep_covers_every_function_and_argument():
         (lambda: save_cache({"f": [{1: np.zeros(2)}]}, "/dev/null"), r"names must be strings"),
         (lambda: save_cache({"f": [np.zeros(2)]}, 3.5), r"path"),
         (lambda: load_cache(None), r"path"),
+        (lambda: _timm_like("ab", 16, 1), r"from_model: the model's grid_size must be \(h, w\)"),
+        (lambda: _timm_like(object(), 16, 1), r"model's grid_size must be \(h, w\), ints"),
+        (lambda: _timm_like(np.array([1.5, 2.0]), 16, 1), r"model's grid_size must be"),
+        (lambda: _timm_like(2, 16, "x"), r"from_model: the model's num_prefix_tokens must be an "
+                                         r"int >= 0; got 'x'"),
+        (lambda: _timm_like(2, 16, 1.7), r"model's num_prefix_tokens must be an int >= 0"),
+        (lambda: _timm_like(2, 16, True), r"model's num_prefix_tokens must be an int >= 0"),
+        (lambda: encode_rows(None), r"encode_rows: array must be a numpy array of real numbers"),
+        (lambda: encode_rows([[0.5, 0.5]]), r"array must be a numpy array.*got list"),
+        (lambda: encode_rows(np.array([[np.nan, 1.0]])), r"array must hold finite numbers >= 0"),
+        (lambda: encode_rows(np.array([[-0.5, 1.0]])), r"array must hold finite numbers >= 0"),
+        (lambda: encode_rows(np.zeros((2, 0))), r"array must have shape \(..., K\) with K >= 1"),
+        (lambda: encode_rows(np.float64(0.5)), r"array must be a numpy array.*got float64"),
+        (lambda: decode_rows(*encode_rows(ROWS)[:1], encode_rows(ROWS)[1][:1]),
+         r"decode_rows: peaks must have the shape of codes without its last axis, \(2,\); "
+         r"got shape \(1,\)"),
+        (lambda: decode_rows(ROWS, encode_rows(ROWS)[1]), r"codes must be the uint8 array"),
+        (lambda: PAGE.save(""), r"Explorer.save: path must be a file path.*got str ''"),
+        (lambda: PAGE.save(None), r"Explorer.save: path must be a file path"),
+        (lambda: GetLocal()()(_attend), r"get_local: expected at least one variable name.*got no "
+                                        r"names"),
+        (lambda: GetLocal()("mean")(_attend), r"'mean' is not a local variable of _attend; "
+                                              r"expected one of its locals: \['attn', 'x'\] "
+                                              r"\(names given: \['mean'\]\)"),
     ],
 )
 def test_named_bad_inputs_are_refused(call, message):
