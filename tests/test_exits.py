@@ -23,7 +23,7 @@ F = torch.nn.functional
 
 import torch._dynamo  # noqa: E402,F401  (loaded: recorders then set Dynamo's stance)
 from examples.toy_vit import VisionTransformer  # noqa: E402
-from visualizer import capture_attention, get_local  # noqa: E402
+from visualizer import AttentionRecorder, capture_attention, get_local  # noqa: E402
 from visualizer import attention as attention_module  # noqa: E402
 from visualizer.fused import sdpa_capture  # noqa: E402
 
@@ -260,3 +260,74 @@ def test_threads_recording_their_own_models_leave_nothing_behind():
     with torch.no_grad():
         for model, twin, x in pairs:
             assert torch.equal(model(x), twin(x))
+
+
+def test_a_call_interrupted_in_another_thread_leaves_nothing_that_records_or_changes_output():
+    """The recorder is started and stopped in this thread; the model runs, and is interrupted,
+    in another: stop() cannot take that thread's watch mode off its stack, but it records
+    nothing more, the output stays the never-captured one, and a new start counts afresh."""
+    model, twin, x = twins("eager softmax")
+    recorder = AttentionRecorder(model)
+    results = {}
+
+    def in_the_other_thread(step):
+        with torch.no_grad():
+            if step == "interrupted":
+                model.error = KeyboardInterrupt()
+                try:
+                    model(x)
+                except KeyboardInterrupt:
+                    pass
+                model.error = None
+            else:
+                results[step] = (
+                    model(x),
+                    [type(mode).__name__ for mode in
+                     torch.overrides._get_current_function_mode_stack() if getattr(mode, "on", 0)],
+                )
+
+    holder = threading.Event()
+    steps = []
+
+    def worker():
+        while holder.wait(timeout=60):
+            holder.clear()
+            if not steps:
+                return
+            try:
+                in_the_other_thread(steps.pop(0))
+            finally:
+                done.set()
+
+    done = threading.Event()
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+
+    def in_thread(step):
+        steps.append(step)
+        holder.set()
+        assert done.wait(timeout=60), f"the other thread did not finish {step!r}"
+        done.clear()
+
+    recorder.start()
+    in_thread("interrupted")  # leaves its calls open and its watch mode on its stack
+    recorder.stop()
+    recorded = {path: len(entries) for path, entries in recorder.maps.items()}
+    in_thread("after stop")
+    assert "after stop" in results, "the model failed in the other thread"
+    output, active_modes = results["after stop"]
+    assert active_modes == []  # what stayed on that thread's stack passes calls through
+    assert {path: len(entries) for path, entries in recorder.maps.items()} == recorded
+    with torch.no_grad():
+        assert torch.equal(output, twin(x))
+    recorder.maps.clear()
+    recorder.start()
+    in_thread("started again")
+    recorder.stop()
+    steps.clear()
+    holder.set()
+    thread.join()
+    # One entry per attention module for the one call, none from the interrupted one.
+    assert {path: len(entries) for path, entries in recorder.maps.items()} == {
+        "inner.blocks.0.attn": 1, "inner.blocks.1.attn": 1,
+    }

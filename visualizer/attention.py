@@ -237,6 +237,10 @@ class AttentionRecorder:
         self._handles: List[RemovableHandle] = []
         self._wrapped: List[Callable[[], None]] = []  # callables that undo _wrap_forward
         self._state = threading.local()
+        # Every thread's watch mode since start(): stop() switches them all off,
+        # also those it cannot take off another thread's stack (an interrupted call).
+        self._thread_modes: List[WatchMode] = []
+        self._thread_modes_lock = threading.Lock()
         self._module_calls = 0
         self._recorded = 0  # maps recorded since start(): clear() in between hides them
         self._transformed = False  # whether calls under torch.func went unrecorded (said)
@@ -275,6 +279,10 @@ class AttentionRecorder:
         return self
 
     def _put_on(self) -> None:
+        # Fresh per-thread state: calls a KeyboardInterrupt left open in another
+        # thread during an earlier start are not this start's.
+        self._state = threading.local()
+        self._thread_modes = []
         self._module_calls = 0
         self._recorded = 0
         self._transformed = False
@@ -334,6 +342,9 @@ class AttentionRecorder:
             unwrap()
         self._handles, self._wrapped = [], []
         self._close_interrupted_calls()
+        with self._thread_modes_lock:
+            for mode in self._thread_modes:
+                mode.on = False  # one left on another thread's stack passes calls through
         if self.maps.pool is not None:
             self.maps.pool = None
             self._pool.let_go()  # no copies of this recorder follow
@@ -462,6 +473,8 @@ class AttentionRecorder:
         if frames is None:
             frames = state.frames = []
             state.mode = WatchMode(_WATCHED, self._watched)
+            with self._thread_modes_lock:
+                self._thread_modes.append(state.mode)
         return frames
 
     def _enter(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
