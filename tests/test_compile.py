@@ -339,3 +339,99 @@ def test_another_thread_runs_the_uncaptured_graph_while_recording():
     # The recording is on the starting thread's mode stack: only its call recorded.
     assert torch.equal(outputs[0], plain)
     assert [len(entries) for entries in maps.values()] == [1]
+
+
+# -- sdpa_capture inside compiled code ----------------------------------------------------------
+
+SDPA_KEY = "Attention.forward"  # examples.toy_vit's attention: the function that calls SDPA
+
+
+def sdpa_capture_block(**selection):
+    from visualizer import sdpa_capture
+
+    return sdpa_capture.capture(**selection)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_sdpa_capture_records_from_the_compiled_graph(backend):
+    model = toy_vit(fused=True)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = list(by_hand(model, images).values())
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        plain = compiled(images)
+        before, breaks = graphs(), graph_breaks()
+        with sdpa_capture_block() as cache:
+            output = compiled(images)
+        assert graphs() == before + 1  # compiled once more, with the recording in the graph
+        assert graph_breaks() == breaks == 0
+        assert torch.equal(output, plain)  # the compiled kernels' output, bit for bit
+        compiled(images)
+    assert graphs() == before + 1  # after the block: the uncaptured graph again
+    assert list(cache) == [SDPA_KEY] and len(cache[SDPA_KEY]) == len(expected)
+    for got, want in zip(cache[SDPA_KEY], expected):
+        assert_close(torch.as_tensor(got), want, rtol=0, atol=1e-5)
+
+
+def test_sdpa_capture_adds_no_graph_break_and_fullgraph_compiles():
+    model = toy_vit(fused=True)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = list(by_hand(model, images).values())
+    with torch.no_grad():
+        plain = torch._dynamo.explain(model)(images)
+        with sdpa_capture_block(rows=0):
+            captured = torch._dynamo.explain(model)(images)
+        assert (captured.graph_count, captured.graph_break_count) == (
+            plain.graph_count,
+            plain.graph_break_count,
+        ) == (1, 0)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with sdpa_capture_block(rows=0, heads=[1, 3]) as cache:
+            compiled(images)
+    for got, want in zip(cache[SDPA_KEY], expected):  # rows and heads selected in the graph
+        assert tuple(got.shape) == (2, 2, 1, 25)
+        assert_close(torch.as_tensor(got), want[:, [1, 3], :1], rtol=0, atol=1e-5)
+
+
+def test_sdpa_capture_switched_every_few_steps_compiles_once_per_selection():
+    from visualizer import sdpa_capture
+
+    model = toy_vit(fused=True)
+    images = torch.randn(IMAGES_SHAPE)
+    compiled = torch.compile(model, backend="eager")
+    recorded = []
+    with torch.no_grad():
+        for step in range(100):
+            if step == 30:  # every variant exists from here on: no compilation at all
+                settled = graphs()
+            if step % 10 == 0:
+                sdpa_capture.activate(rows=0)
+                compiled(images)
+                sdpa_capture.deactivate()
+            elif step % 10 == 5:
+                with sdpa_capture.capture() as cache:  # all rows: a variant of its own
+                    compiled(images)
+                recorded.append([tuple(entry.shape) for entry in cache[SDPA_KEY]])
+            else:
+                compiled(images)
+    assert graphs() == settled == 3  # uncaptured, rows=0, all rows
+    entries = get_local.cache[SDPA_KEY]
+    assert [tuple(entry.shape) for entry in entries] == [(2, 4, 1, 25)] * 20
+    assert recorded == [[(2, 4, 25, 25)] * 2] * 10
+    get_local.clear()
+
+
+class DropoutAttention(nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+
+
+def test_sdpa_capture_of_a_dropout_call_records_between_graphs_and_says_so():
+    """Dropout's warning is said eagerly: such calls record between graphs, as before."""
+    compiled = torch.compile(DropoutAttention(), backend="eager")
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.warns(RuntimeWarning, match="dropout_p=0.5; the recorded weights are the ones BEFORE"):
+        with sdpa_capture_block() as cache:
+            compiled(q)
+    (entries,) = cache.values()
+    assert_close(torch.as_tensor(entries[0]), (q @ q.transpose(-2, -1) / 2).softmax(-1))

@@ -607,3 +607,67 @@ def _importable(name):
     except ImportError:
         return False
     return name in sys.modules
+
+
+@pytest.mark.skipif(
+    not _torch_internals.has(_torch_internals.IN_GRAPH_CAPTURE),
+    reason=f"sdpa_capture records inside graphs from torch 2.13; this is torch {torch.__version__}",
+)
+def test_dynamo_translators_show_the_traced_frames_and_graph_code_is_recognised():
+    used_by = "fused.py (sdpa_capture inside compiled graphs): naming the caller at trace time"
+    seen, graph_frames = [], []
+
+    @torch._dynamo.assume_constant_result
+    def traced():
+        seen.append([(code.co_name, globals_.get("__name__"), owner)
+                     for code, globals_, owner in _torch_internals.traced_frames()])
+        return 0
+
+    class Inner(nn.Module):
+        def forward(self, x):
+            return x + traced()
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    torch.compile(Outer(), backend="eager", fullgraph=True)(torch.ones(2))
+    expected = [("forward", __name__, Inner), ("forward", __name__, Outer)]
+    if not seen or seen[0][:2] != expected:
+        changed("torch._dynamo InstructionTranslator.current_tx().output.current_tx / parent / "
+                "f_code / f_globals / symbolic_locals", used_by,
+                f"the traced frames read {seen[:1]}, expected {expected} first")
+
+    @torch.compiler.disable
+    def look():
+        frame = sys._getframe(1)
+        while frame.f_globals.get("__name__", "").startswith("torch") or (
+            frame.f_code.co_name in ("look", "__torch_function__")
+        ):
+            frame = frame.f_back
+        graph_frames.append(_torch_internals.is_dynamo_graph_frame(frame))
+
+    class Mode(TorchFunctionMode):
+        # Traced into the graph doing nothing; run by the graph's code, it looks.
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.sin and not torch.compiler.is_compiling():
+                look()
+            return func(*args, **(kwargs or {}))
+
+    def sine(x):
+        return torch.sin(x) + 1
+
+    compiled = torch.compile(sine, backend="eager")
+    compiled(torch.ones(2))
+    user_graph = torch.fx.symbolic_trace(sine)  # a user's own FX graph
+    with Mode():
+        compiled(torch.ones(2))  # the eager backend runs the graph's Python code
+        user_graph(torch.ones(2))
+    if graph_frames != [True, False]:
+        changed("Dynamo's GraphModule meta 'dynamo_flat_name_to_original_fqn' / "
+                "<eval_with_key> file names", "fused.py (_caller)",
+                f"graph frames recognised as {graph_frames}, expected [True, False]")

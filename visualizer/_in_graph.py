@@ -107,6 +107,20 @@ def _register_op() -> None:
     _OP = torch.ops.visualizer.record
 
 
+def new_sink(sink: Sink) -> int:
+    """The number a graph carries to hand maps to `sink` (see `send`)."""
+    number = next(_NUMBERS)
+    with _SINKS_LOCK:
+        _SINKS[number] = sink
+    return number
+
+
+def send(weights: torch.Tensor, name: str, sink: int) -> None:
+    """In traced code: hand `weights` out of the graph to sink number `sink`, told `name`."""
+    assert _OP is not None, "available() registers the op before a sink is made"
+    _OP(weights, name, sink)
+
+
 def shared_mode(
     model: nn.Module,
     paths: Dict[str, nn.Module],

@@ -14,7 +14,17 @@ import itertools
 import re
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, NamedTuple, Optional, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -247,6 +257,42 @@ IN_GRAPH_CAPTURE = Gate(
 def in_graph_capture_missing() -> Optional[str]:
     """None when this torch records inside compiled graphs; else the version and what is needed."""
     return None if has(IN_GRAPH_CAPTURE) else too_old(IN_GRAPH_CAPTURE)
+
+
+def traced_frames() -> "List[Tuple[types.CodeType, Dict[str, Any], Optional[type]]]":
+    """While Dynamo traces: the user frames it is tracing, innermost first, each as
+    (code, globals, type of its `self` or None): the stack the traced code would
+    have had, which `sys._getframe` cannot see (those frames do not run).
+
+    Dynamo's instruction translators (`InstructionTranslator.current_tx()`, its
+    `output.current_tx` innermost inlining translator and their `parent` chain,
+    `f_code`, `f_globals`, `symbolic_locals`; checked on torch 2.13 and 2.14.1).
+    Call it only from a function Dynamo runs instead of tracing
+    (`torch._dynamo.assume_constant_result`)."""
+    symbolic_convert = sys.modules["torch._dynamo.symbolic_convert"]
+    tx = symbolic_convert.InstructionTranslator.current_tx().output.current_tx
+    frames = []
+    while tx is not None:
+        owner = tx.symbolic_locals.get("self")
+        try:
+            owner_type = owner.python_type() if owner is not None else None
+        except Exception:  # noqa: BLE001 - a variable that cannot say its type
+            owner_type = None
+        frames.append((tx.f_code, tx.f_globals, owner_type))
+        tx = getattr(tx, "parent", None)
+    return frames
+
+
+def is_dynamo_graph_frame(frame: types.FrameType) -> bool:
+    """Whether `frame` runs the Python code of a graph Dynamo compiled (the `eager`
+    backend runs it as is, its torch calls seen by the modes on the stack): an FX
+    GraphModule's generated `forward` (file `<eval_with_key>.N`) whose module carries
+    Dynamo's `dynamo_flat_name_to_original_fqn` meta entry (checked on 2.13, 2.14.1).
+    A graph the user traced with `torch.fx` has no such entry: its calls are the user's."""
+    if not frame.f_code.co_filename.startswith("<eval_with_key>"):
+        return False
+    owner = frame.f_locals.get("self")
+    return "dynamo_flat_name_to_original_fqn" in getattr(owner, "meta", {})
 
 
 def mark_side_effect(op: object) -> None:

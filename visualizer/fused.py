@@ -51,8 +51,14 @@ a warning says so. Kernels that do not go through
 the original DINOv2 repository, the `flash_attn` package) are not seen. The
 recomputed weights are not part of the model's autograd graph: a storage
 policy with `detach=False` still stores them without a graph, with a warning.
-Under `torch.compile` the recording runs eagerly between graphs (a graph
-break at every SDPA call while capture is on).
+Under `torch.compile` (torch >= 2.13, the `_in_graph` gate): Dynamo traces
+this mode, and the weights are computed inside the graph beside the kernel
+and leave it through `_in_graph`'s custom op: no graph break, one
+recompilation at the first activation per selection (later activations reuse
+the graphs), the caller named at trace time from the frames Dynamo traces.
+A call with dropout records between graphs (its warning is said eagerly), as
+every call does on torch 2.6-2.12: there a graph break at every SDPA call
+while capture is on.
 """
 
 import contextlib
@@ -64,7 +70,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _torch_internals
+from . import _in_graph, _torch_internals
 from ._compat import PY311
 from ._errors import VisualizerError
 from ._modes import WatchMode, remove_mode
@@ -89,6 +95,12 @@ from .weights import (
 _SKIPPED_MODULES = ("torch", __name__, "transformers.integrations")
 
 _WATCHED = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_forward})
+
+# Whether Dynamo is tracing the caller (always False on torch < 2.3, which lacks the check).
+_compiling = _torch_internals.compiling_check()
+
+# In a name handed out of a graph: the caller's qualified name, this, its module.
+_NAME_SEPARATOR = "\x1f"
 
 
 class _Recording:
@@ -121,6 +133,10 @@ class SdpaCapture:
         self._lock = threading.Lock()  # guards _recordings
         self._keys: Dict[Tuple[str, str], str] = {}  # (qualified name, module) -> cache key
         self._warn_once = WarnOnce()
+        # The sink compiled graphs hand their maps to (see _record_in_graph): made at
+        # the first activation, where this torch records inside graphs; else None.
+        self._graph_sink: Optional[int] = None
+        self._caller_in_trace: Optional[Callable[[], str]] = None
 
     # -- switching --------------------------------------------------------
 
@@ -151,6 +167,10 @@ class SdpaCapture:
             return
         if recording is not None and recording.mode is not None:
             remove_mode(recording.mode)  # switched off from another thread: still on our stack
+        if self._graph_sink is None and _in_graph.available() is None:
+            self._graph_sink = _in_graph.new_sink(self._from_graph)
+            # Run by Dynamo at trace time, its result a constant of the graph.
+            self._caller_in_trace = torch._dynamo.assume_constant_result(_caller_in_trace)
         recording = _Recording(checked_rows, checked_heads)
         store = self._owner.store
         recording.mode = WatchMode(_WATCHED, self._listener(recording))
@@ -285,7 +305,10 @@ class SdpaCapture:
             func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any
         ) -> None:
             if func is F.scaled_dot_product_attention:
-                self._record(recording, args, kwargs)
+                if _compiling() and self._graph_sink is not None:
+                    self._record_in_graph(recording, args, kwargs)
+                else:
+                    self._record(recording, args, kwargs)
             elif not kwargs.get("need_weights", True):  # F.multi_head_attention_forward
                 self._warn_unseen_multi_head_attention()
 
@@ -313,6 +336,8 @@ class SdpaCapture:
                 "uncompiled"
             )
         decorated_frame, caller = self._caller()
+        if caller is None:
+            return  # a compiled graph's call: the graph records it (_record_in_graph)
         store = self._owner.store
         policy = store.policy
         if _torch_internals.is_functorch_wrapped(query):
@@ -355,26 +380,80 @@ class SdpaCapture:
         else:
             store.append(caller, entry)
 
-    def _caller_key(self) -> str:
-        return self._caller()[1]
+    def _record_in_graph(
+        self, recording: _Recording, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> None:
+        """Traced by Dynamo: the weights computed in the graph beside the kernel.
 
-    def _caller(self) -> Tuple[Optional[FrameType], str]:
-        """The frame of the function that called SDPA, and the key its maps go under."""
+        They leave the graph through `_in_graph`'s custom op, to `_from_graph`:
+        no graph break, and the compiler schedules and fuses the computation
+        with the rest of the graph. The caller's name is found at trace time,
+        from the frames Dynamo traces, and is a constant of the graph.
+        """
+        query, key, attn_mask, dropout_p, is_causal, scale, enable_gqa = bind_sdpa_arguments(
+            *args, **kwargs
+        )
+        if not isinstance(dropout_p, (int, float)) or dropout_p > 0:
+            # Its warning, once per function, is said eagerly, between graphs.
+            self._record(recording, args, kwargs)
+            return
+        assert self._caller_in_trace is not None and self._graph_sink is not None
+        name = self._caller_in_trace()
+        request = WeightsRequest(recording.rows, recording.heads, "sdpa_capture")
+        weights = sdpa_call_weights(
+            query.detach(),
+            key.detach(),
+            attn_mask,
+            is_causal,
+            scale,
+            enable_gqa,
+            request,
+            f"the scaled_dot_product_attention call in {name.partition(_NAME_SEPARATOR)[0]}",
+        )
+        _in_graph.send(weights, name, self._graph_sink)
+
+    def _from_graph(self, name: str, weights: torch.Tensor) -> None:
+        """A compiled graph's map, handed out at run time: stored as an eager call's is."""
+        recording: Optional[_Recording] = getattr(self._threads, "recording", None)
+        if recording is None or recording.mode is None or not recording.mode.on:
+            return  # switched off in this thread since the graph was entered
+        recording.sdpa_calls += 1
+        if _torch_internals.in_backward():
+            return  # a checkpointed forward recomputed: not a new call
+        qualname, _, module = name.partition(_NAME_SEPARATOR)
+        store = self._owner.store
+        # A copy: the graph's buffer is the compiler's to reuse.
+        store.append(self._key((qualname, module)), snapshot(weights, store.policy, pool=store.pool))
+
+    def _caller_key(self) -> str:
+        return self._caller()[1] or "<a compiled graph>"
+
+    def _caller(self) -> Tuple[Optional[FrameType], Optional[str]]:
+        """The frame of the function that called SDPA, and the key its maps go under.
+
+        The key is None for a call made by the code of a graph Dynamo compiled
+        while recording (its backend `eager` runs it in Python, seen by this
+        mode): that graph records its maps itself."""
         frame: Optional[FrameType] = sys._getframe(1)
         while frame is not None and _is_skipped(frame):
             frame = frame.f_back
         if frame is None:
             return None, "<unknown>"
+        if self._graph_sink is not None and _torch_internals.is_dynamo_graph_frame(frame):
+            return None, None
         decorated = self._owner.store.decorated_codes.get(frame.f_code)
         if decorated is not None:
             return frame, decorated  # a get_local-decorated function: its own key
-        name = (_qualified_name(frame), frame.f_globals.get("__name__", ""))
+        return None, self._key((_qualified_name(frame), frame.f_globals.get("__name__", "")))
+
+    def _key(self, name: Tuple[str, str]) -> str:
+        """The cache key of the function with this (qualified name, module)."""
         key = self._keys.get(name)
         if key is None:
             # get_local's naming: a qualified name taken by a function of
             # another module gets a module-qualified key, with a warning.
             key = self._keys[name] = self._owner.store.key_for(*name)
-        return None, key
+        return key
 
     def _warn_unseen_multi_head_attention(self) -> None:
         caller = self._caller_key()
@@ -392,8 +471,30 @@ def _is_skipped(frame: FrameType) -> bool:
     if frame.f_code.co_name == "__torch_function__":
         # Another mode or a tensor subclass passing the call on.
         return True
-    module = frame.f_globals.get("__name__", "")
+    return _is_skipped_module(frame.f_globals.get("__name__", ""))
+
+
+def _is_skipped_module(module: str) -> bool:
     return any(module == name or module.startswith(name + ".") for name in _SKIPPED_MODULES)
+
+
+def _caller_in_trace() -> str:
+    """At trace time: the name of the function whose SDPA call Dynamo is tracing, as
+    `qualified name<_NAME_SEPARATOR>module` (the frames `_caller` skips, skipped)."""
+    for code, globals_, owner_type in _torch_internals.traced_frames():
+        module = globals_.get("__name__", "")
+        if code.co_name == "__torch_function__" or _is_skipped_module(module):
+            continue
+        if PY311:
+            qualname: str = code.co_qualname  # type: ignore[attr-defined,unused-ignore]
+            owner_name, dot, name = qualname.rpartition(".")
+        else:
+            owner_name = owner_type.__qualname__ if owner_type is not None else ""
+            dot, name = ("." if owner_name else ""), code.co_name
+        return owner_name + dot + _torch_internals.resumed_function_name(name) + (
+            _NAME_SEPARATOR + module
+        )
+    return "<unknown>" + _NAME_SEPARATOR
 
 
 def _qualified_name(frame: FrameType) -> str:
