@@ -435,3 +435,49 @@ def test_sdpa_capture_of_a_dropout_call_records_between_graphs_and_says_so():
             compiled(q)
     (entries,) = cache.values()
     assert_close(torch.as_tensor(entries[0]), (q @ q.transpose(-2, -1) / 2).softmax(-1))
+
+
+CACHED_BEFORE_IMPORT = """
+import torch
+from examples.toy_vit import VisionTransformer
+from tests.test_attention import by_hand
+
+torch.manual_seed(0)
+model = VisionTransformer(img_size=(16, 24), patch_size=4, dim=32, depth=2, num_heads=4,
+                          fused=True).eval()
+images = torch.randn(2, 3, 16, 24)
+compiled = torch.compile(model, backend="aot_eager")
+with torch.no_grad():
+    plain = compiled(images)  # compiled, its graph cached, before the library is imported
+import visualizer  # noqa: E402
+from visualizer import capture_attention, sdpa_capture  # noqa: E402
+with torch.no_grad():
+    with capture_attention(compiled) as maps:
+        by_module = compiled(images)
+    with sdpa_capture.capture() as cache:
+        by_function = compiled(images)
+expected = by_hand(model, images)
+assert torch.equal(by_module, plain) and torch.equal(by_function, plain)
+assert list(maps) == ["blocks.0.attn", "blocks.1.attn"], list(maps)
+for got, want in zip([entries[0] for entries in maps.values()], expected):
+    assert (torch.as_tensor(got) - want).abs().max() < 1e-5
+for got, want in zip(cache["Attention.forward"], expected):
+    assert (torch.as_tensor(got) - want).abs().max() < 1e-5
+print("recorded from the graphs")
+"""
+
+
+def test_a_model_compiled_before_the_library_was_imported_is_recorded(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "cached_before_import.py"
+    script.write_text(CACHED_BEFORE_IMPORT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": root}, cwd=root, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "recorded from the graphs" in done.stdout
