@@ -1,4 +1,4 @@
-"""capture_attention on torch.compile'd models (inductor, CPU): recording from the graph.
+"""capture_attention and sdpa_capture on torch.compile'd models (inductor, CPU): recording from the graph.
 
 Section (d) of run_all.py, also runnable alone:
 
@@ -16,7 +16,8 @@ Variants, interleaved (one forward of each per round, in a new seeded order),
 capture switched on before and off after each forward, outside the timed
 region: the compiled forward (the baseline); compiled with
 `capture_attention(model, rows=0)` (the CLS / first query row of every layer)
-and with full maps, both recorded from the compiled graph; the forced-eager
+and with full maps, both recorded from the compiled graph; the same with
+`sdpa_capture` (the weights computed in the graph beside the kernel); the forced-eager
 path (Dynamo's `force_eager` stance with `capture_attention(rows=0)`: what
 capture of a compiled model cost before it recorded from the graph); and the
 same weights uncompiled, plain and with full maps. Ratios are paired per round.
@@ -102,7 +103,7 @@ def compile_times(model, inputs):
     """Wall seconds of the first compiled call, without and with capture switched on."""
     import torch
 
-    from visualizer import capture_attention
+    from visualizer import capture_attention, sdpa_capture
 
     from torch._inductor import config as inductor_config
 
@@ -131,7 +132,7 @@ def compile_section(args, report, clocks):
 
     from run_all import Slot, cell, log, measure, run_slot
     from _common import paired_ratios, quartiles
-    from visualizer import capture_attention
+    from visualizer import capture_attention, sdpa_capture
 
     log("(d) compiled models: capture from the graph")
     report.append("## (d) Compiled models (inductor, CPU): capture from the graph\n")
@@ -184,6 +185,10 @@ def compile_section(args, report, clocks):
                  enter(lambda: capture_attention(compiled, rows=0)), leave),
             Slot("compiled + capture_attention, full maps", run(compiled),
                  enter(lambda: capture_attention(compiled)), leave),
+            Slot("compiled + sdpa_capture(rows=0)", run(compiled),
+                 enter(lambda: sdpa_capture.capture(rows=0)), leave),
+            Slot("compiled + sdpa_capture, full maps", run(compiled),
+                 enter(lambda: sdpa_capture.capture()), leave),
             Slot("forced eager + capture_attention(rows=0)", run(compiled),
                  enter(ForcedEager), leave),
             Slot("eager (not compiled)", run(model)),
@@ -215,23 +220,26 @@ def compile_section(args, report, clocks):
         full_compiled = median_ratio("compiled + capture_attention, full maps", compiled_plain)
         full_eager = median_ratio("eager + capture_attention, full maps", eager_plain)
         forced = median_ratio("forced eager + capture_attention(rows=0)", compiled_plain)
+        sdpa_rows0 = median_ratio("compiled + sdpa_capture(rows=0)", compiled_plain)
+        sdpa_full = median_ratio("compiled + sdpa_capture, full maps", compiled_plain)
         report.append(
             f"Compile time (first call, wall): {compiled_seconds['plain']:.1f} s plain, "
             f"{compiled_seconds['capture_attention(rows=0)']:.1f} s with capture on.\n"
         )
         summary.append(
-            f"| {label} | {rows0:.3f}× | {forced:.2f}× | {full_compiled:.2f}× | {full_eager:.2f}× "
-            f"| {compiled_seconds['plain']:.0f} s / "
+            f"| {label} | {rows0:.3f}× | {sdpa_rows0:.3f}× | {forced:.2f}× | {full_compiled:.2f}× "
+            f"| {sdpa_full:.2f}× | {full_eager:.2f}× | {compiled_seconds['plain']:.0f} s / "
             f"{compiled_seconds['capture_attention(rows=0)']:.0f} s |"
         )
         del compiled
         torch._dynamo.reset()
     report.append("Summary (medians of paired ratios):\n")
     report.append(
-        "| model | compiled rows=0 ÷ compiled | forced eager rows=0 ÷ compiled | compiled "
-        "full ÷ compiled | eager full ÷ eager | compile plain / with capture |"
+        "| model | compiled rows=0 ÷ compiled | sdpa_capture rows=0 ÷ compiled | forced eager "
+        "rows=0 ÷ compiled | compiled full ÷ compiled | sdpa_capture full ÷ compiled | eager "
+        "full ÷ eager | compile plain / with capture |"
     )
-    report.append("|---|---:|---:|---:|---:|---:|")
+    report.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     report.extend(summary)
     report.append("")
 
