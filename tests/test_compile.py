@@ -24,7 +24,7 @@ from visualizer import _torch_internals, capture_attention, get_local  # noqa: E
 
 pytestmark = pytest.mark.skipif(
     not _torch_internals.has(_torch_internals.IN_GRAPH_CAPTURE),
-    reason=f"recording inside compiled graphs needs torch>=2.12; this is torch {torch.__version__}",
+    reason=f"recording inside compiled graphs needs torch>=2.11; this is torch {torch.__version__}",
 )
 
 

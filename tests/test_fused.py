@@ -752,7 +752,7 @@ DYNAMO_TRACES_MODES = _torch_internals.torch_release() >= (2, 6)
     reason=f"torch {torch.__version__}: Dynamo traces torch function modes from torch 2.6",
 )
 def test_records_under_torch_compile():
-    """In the graph from torch 2.13 (tests/test_compile.py), between graphs on 2.6-2.12."""
+    """In the graph from torch 2.11 (tests/test_compile.py), between graphs on 2.6-2.10."""
     fused, _ = fused_and_eager(num_kv_heads=2)
     compiled = torch.compile(fused, backend="eager")
     x = torch.randn(BATCH, TOKENS, DIM)

@@ -611,7 +611,7 @@ def _importable(name):
 
 @pytest.mark.skipif(
     not _torch_internals.has(_torch_internals.IN_GRAPH_CAPTURE),
-    reason=f"sdpa_capture records inside graphs from torch 2.13; this is torch {torch.__version__}",
+    reason=f"sdpa_capture records inside graphs from torch 2.11; this is torch {torch.__version__}",
 )
 def test_dynamo_translators_show_the_traced_frames_and_graph_code_is_recognised():
     used_by = "fused.py (sdpa_capture inside compiled graphs): naming the caller at trace time"

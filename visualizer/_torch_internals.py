@@ -10,7 +10,6 @@ calls some of these on Pythons without torch. A tensor or a model can only
 exist if the caller imported torch, so `sys.modules` is enough to find it.
 """
 
-import itertools
 import re
 import sys
 import types
@@ -59,7 +58,13 @@ def torch_release(version: Optional[str] = None) -> Tuple[int, int]:
     if version is None:
         version = str(sys.modules["torch"].__version__)
     major, _, rest = version.split("+")[0].partition(".")
-    minor = "".join(itertools.takewhile(str.isdigit, rest))
+    # A plain loop, not itertools.takewhile: gates are asked while Dynamo traces
+    # (the weights' code in a graph), and Dynamo before 2.12 cannot trace takewhile.
+    minor = ""
+    for character in rest:
+        if not character.isdigit():
+            break
+        minor += character
     return int(major), int(minor or 0)
 
 
@@ -245,17 +250,16 @@ def causal_bias_offset(attn_mask: object, num_queries: int, num_keys: int) -> Op
 # Recording inside compiled graphs (`_in_graph`): Dynamo tracing the graph mode on
 # the stack, its hooks and the `visualizer::record` custom op into the graph. Checked
 # with tests/test_compile.py on the gate lowered to each release: it records on torch
-# 2.12.1, 2.13.0 and 2.14.1. On 2.11.0, 2.10.0 and 2.9.1 it does not: Dynamo (<2.12)
-# cannot trace `itertools.takewhile` in `torch_release`, reached from the SDPA and
-# multi-head paths at trace time (graph breaks, recompile limit, maps missing); with
-# that avoided, 2.11.0 passed, but 2.10.0 and 2.9.1 still recompile at every start and
-# stop (the mode-stack guard) and 2.9.1 records nothing from the fullgraph multi-head
-# and inductor tests. On 2.6.0 and 2.8.0 Dynamo does not trace the mode's recording
+# 2.11.0, 2.12.1, 2.13.0 and 2.14.1 (2.11 once `torch_release` stopped using
+# `itertools.takewhile`, which Dynamo before 2.12 cannot trace). On 2.10.0 and 2.9.1
+# it does not: they recompile at every start and stop (the mode-stack guard, up to the
+# recompile limit) and 2.9.1 records nothing from the fullgraph multi-head and
+# inductor tests. On 2.6.0 and 2.8.0 Dynamo does not trace the mode's recording
 # (2.8: "does not know how to trace frozenset.__contains__"). Releases before 2.12 run
 # compiled code eagerly while recording, with a warning naming this gate.
 IN_GRAPH_CAPTURE = Gate(
     "recording inside compiled graphs (Dynamo tracing the recording mode and its custom op)",
-    (2, 12),
+    (2, 11),
 )
 
 

@@ -51,13 +51,13 @@ a warning says so. Kernels that do not go through
 the original DINOv2 repository, the `flash_attn` package) are not seen. The
 recomputed weights are not part of the model's autograd graph: a storage
 policy with `detach=False` still stores them without a graph, with a warning.
-Under `torch.compile` (torch >= 2.13, the `_in_graph` gate): Dynamo traces
+Under `torch.compile` (torch >= 2.11, the `_in_graph` gate): Dynamo traces
 this mode, and the weights are computed inside the graph beside the kernel
 and leave it through `_in_graph`'s custom op: no graph break, one
 recompilation at the first activation per selection (later activations reuse
 the graphs), the caller named at trace time from the frames Dynamo traces.
 A call with dropout records between graphs (its warning is said eagerly), as
-every call does on torch 2.6-2.12: there a graph break at every SDPA call
+every call does on torch 2.6-2.10: there a graph break at every SDPA call
 while capture is on.
 """
 
