@@ -400,6 +400,7 @@ def test_sdpa_capture_switched_every_few_steps_compiles_once_per_selection():
     images = torch.randn(IMAGES_SHAPE)
     compiled = torch.compile(model, backend="eager")
     recorded = []
+    get_local.clear()  # activate() records into the process-wide cache: count only these
     with torch.no_grad():
         for step in range(100):
             if step == 30:  # every variant exists from here on: no compilation at all
