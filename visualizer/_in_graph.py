@@ -203,14 +203,7 @@ class GraphMode(TorchFunctionMode):
             self._module(path), query, key, attn_mask, enable_gqa
         )
         weights = sdpa_call_weights(
-            query.detach(),
-            key.detach(),
-            attn_mask,
-            is_causal,
-            scale,
-            enable_gqa,
-            self.request,
-            _where(path),
+            query, key, attn_mask, is_causal, scale, enable_gqa, self.request, _where(path)
         )
         self._record(path, weights)
 

@@ -400,15 +400,9 @@ class SdpaCapture:
         assert self._caller_in_trace is not None and self._graph_sink is not None
         name = self._caller_in_trace()
         request = WeightsRequest(recording.rows, recording.heads, "sdpa_capture")
+        where = f"the scaled_dot_product_attention call in {name.partition(_NAME_SEPARATOR)[0]}"
         weights = sdpa_call_weights(
-            query.detach(),
-            key.detach(),
-            attn_mask,
-            is_causal,
-            scale,
-            enable_gqa,
-            request,
-            f"the scaled_dot_product_attention call in {name.partition(_NAME_SEPARATOR)[0]}",
+            query, key, attn_mask, is_causal, scale, enable_gqa, request, where
         )
         _in_graph.send(weights, name, self._graph_sink)
 

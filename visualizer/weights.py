@@ -127,7 +127,9 @@ def sdpa_call_weights(
 ) -> torch.Tensor:
     """`sdpa_weights` for a checked `request`; on the CPU the map is computed into the
     request's pool when it has one (a recorder's: see `_attention_weights`). `where` names
-    the call in error messages."""
+    the call in error messages. The map takes no part in autograd: computed without
+    grad from detached inputs, also where it is traced into a compiled graph."""
+    query, key = query.detach(), key.detach()
     rows, heads, who, pool = request
     if heads is not None and query.dim() < 4:
         raise VisualizerError(
