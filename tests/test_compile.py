@@ -60,6 +60,12 @@ def graph_breaks():
     return sum(counters["graph_break"].values())
 
 
+def graphs_and_breaks(model, images):
+    """(graphs, graph breaks) Dynamo makes of one call, by torch._dynamo.explain."""
+    report = torch._dynamo.explain(model)(images)
+    return report.graph_count, report.graph_break_count
+
+
 @pytest.mark.parametrize(
     "backend,fused",
     [
@@ -135,13 +141,10 @@ def test_no_graph_break_is_added_and_fullgraph_compiles():
     model = toy_vit(fused=True)
     images = torch.randn(IMAGES_SHAPE)
     with torch.no_grad():
-        plain = torch._dynamo.explain(model)(images)
+        plain = graphs_and_breaks(model, images)
         with capture_attention(model, rows=0) as maps:
-            captured = torch._dynamo.explain(model)(images)
-        assert (captured.graph_count, captured.graph_break_count) == (
-            plain.graph_count,
-            plain.graph_break_count,
-        ) == (1, 0)
+            captured = graphs_and_breaks(model, images)
+        assert captured == plain == (1, 0)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         with capture_attention(compiled, rows=0) as maps:
             compiled(images)
@@ -166,13 +169,10 @@ def test_a_models_own_graph_break_stays_the_only_one():
     model = BreaksBetweenBlocks().eval()
     images = torch.randn(IMAGES_SHAPE)
     with torch.no_grad():
-        plain = torch._dynamo.explain(model)(images)
+        plain = graphs_and_breaks(model, images)
         with capture_attention(model) as maps:
-            captured = torch._dynamo.explain(model)(images)
-    assert (captured.graph_count, captured.graph_break_count) == (
-        plain.graph_count,
-        plain.graph_break_count,
-    ) == (2, 1)
+            captured = graphs_and_breaks(model, images)
+    assert captured == plain == (2, 1)
     assert list(maps) == ["vit.blocks.0.attn", "vit.blocks.1.attn"]
 
 
@@ -378,13 +378,10 @@ def test_sdpa_capture_adds_no_graph_break_and_fullgraph_compiles():
     images = torch.randn(IMAGES_SHAPE)
     expected = list(by_hand(model, images).values())
     with torch.no_grad():
-        plain = torch._dynamo.explain(model)(images)
+        plain = graphs_and_breaks(model, images)
         with sdpa_capture_block(rows=0):
-            captured = torch._dynamo.explain(model)(images)
-        assert (captured.graph_count, captured.graph_break_count) == (
-            plain.graph_count,
-            plain.graph_break_count,
-        ) == (1, 0)
+            captured = graphs_and_breaks(model, images)
+        assert captured == plain == (1, 0)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         with sdpa_capture_block(rows=0, heads=[1, 3]) as cache:
             compiled(images)
