@@ -23,6 +23,27 @@ def _no_compiled_code_outlives_its_test():
 
 
 @pytest.fixture
+def capture_left_off():
+    """Every capture switched off around the test, the process-wide cache emptied after it,
+    and no torch function mode left on this thread's stack (what capture put there goes
+    with it). Files that switch capture on use it: `pytest.mark.usefixtures`."""
+    switch_everything_off()
+    yield
+    switch_everything_off()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def switch_everything_off():
+    fused = sys.modules.get("visualizer.fused")  # loaded with torch only
+    if fused is not None:
+        fused.sdpa_capture.deactivate()
+    get_local.deactivate()
+    get_local.clear()
+
+
+@pytest.fixture
 def gl():
     """A private get_local: its registrations, switch and cache die with the test."""
     instance = GetLocal()

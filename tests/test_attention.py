@@ -26,13 +26,12 @@ from visualizer import _torch_internals, analysis  # noqa: E402
 from visualizer.fused import sdpa_capture  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("capture_left_off")
+
+
 @pytest.fixture(autouse=True)
-def everything_off():
+def seeded():
     torch.manual_seed(0)
-    yield
-    sdpa_capture.deactivate()
-    get_local.deactivate()
-    assert torch.overrides._get_current_function_mode_stack() == []
 
 
 def as_tensor(value):

@@ -29,16 +29,16 @@ from visualizer.fused import sdpa_capture  # noqa: E402
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
 
+pytestmark = pytest.mark.usefixtures("capture_left_off")
+
+
 @pytest.fixture(autouse=True)
-def one_thread_and_everything_off():
+def one_thread():
     # Tiny forwards: torch's intra-op threads only add contention on 2 cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    sdpa_capture.deactivate()
-    get_local.deactivate()
-    assert torch.overrides._get_current_function_mode_stack() == []
 
 
 def tensors_of(output):

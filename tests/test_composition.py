@@ -78,15 +78,7 @@ def by_hand(module, x):
         return q, (q @ k.transpose(-2, -1) / math.sqrt(DIM // HEADS)).softmax(-1)
 
 
-@pytest.fixture(autouse=True)
-def capture_off():
-    get_local.deactivate()
-    sdpa_capture.deactivate()
-    get_local.clear()
-    yield
-    get_local.deactivate()
-    sdpa_capture.deactivate()
-    get_local.clear()
+pytestmark = pytest.mark.usefixtures("capture_left_off")
 
 
 def inputs(calls):

@@ -105,12 +105,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def everything_off():
-    yield
-    sdpa_capture.deactivate()
-    get_local.deactivate()
-    get_local.clear()
+pytestmark = pytest.mark.usefixtures("capture_left_off")
 
 
 def twins(kind):

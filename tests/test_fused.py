@@ -80,12 +80,7 @@ needs_zeros_for_masked_rows = pytest.mark.skipif(
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True)
-def switched_off():
-    yield
-    sdpa_capture.deactivate()
-    get_local.deactivate()
-    assert torch.overrides._get_current_function_mode_stack() == []
+pytestmark = pytest.mark.usefixtures("capture_left_off")
 
 
 def assert_close(actual, expected, atol=1e-6, rtol=1e-5, what="weights"):

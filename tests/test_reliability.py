@@ -30,14 +30,12 @@ from visualizer.fused import sdpa_capture  # noqa: E402
 from .core.isolation import defined, shape_loaded_elsewhere, traced_growth  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("capture_left_off")
+
+
 @pytest.fixture(autouse=True)
-def everything_off():
+def seeded():
     torch.manual_seed(0)
-    yield
-    sdpa_capture.deactivate()
-    get_local.deactivate()
-    get_local.clear()
-    assert torch.overrides._get_current_function_mode_stack() == []
 
 
 @pytest.fixture
