@@ -16,11 +16,9 @@ torch 2.13, backends eager, aot_eager and inductor on the CPU):
   selected rows and heads only); for `F.scaled_dot_product_attention` it adds
   the weights' computation beside the kernel, which never forms them, so the
   compiler schedules and fuses that work with the rest of the graph.
-- Each map leaves the graph through `visualizer::record`, a
-  `torch.library.custom_op` that returns nothing and is registered as having a
-  side effect (otherwise AOT autograd and inductor drop a node nobody uses).
-  Its eager implementation hands the tensor to the recorder's sink, which
-  copies it into the store: the graph's own buffers are never kept.
+- Each map leaves the graph through `_graph_sink`'s custom op, whose eager
+  implementation hands the tensor to the recorder's sink, which copies it
+  into the store: the graph's own buffers are never kept.
 
 Rejected: Dynamo's `reorderable_logging_functions` (a registered function's
 call is deferred until after the graph, its tensors made graph outputs).
@@ -30,8 +28,6 @@ eager execution (Dynamo's `force_eager` stance) stays for what cannot be done
 in the graph: see `attention.py`.
 """
 
-import itertools
-import threading
 import weakref
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
@@ -40,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import _torch_internals
+from . import _graph_sink, _torch_internals
 from .weights import (
     CheckedSelection,
     WeightsRequest,
@@ -62,12 +58,6 @@ _SOFTMAX_FUNCTIONS = frozenset(
     {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
 )
 
-# Sinks by the number a graph carries as a constant: a graph outliving its
-# recorder finds none and records nothing.
-_SINKS: Dict[int, Sink] = {}
-_SINKS_LOCK = threading.Lock()
-_NUMBERS = itertools.count(1)
-
 # One GraphMode per model and selection, so that Dynamo's guard on the mode
 # stack (which holds the mode object itself) matches the graphs an earlier
 # recorder of the same model and selection compiled: they are reused, never
@@ -79,46 +69,17 @@ _SHARED: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, GraphMode]]" = (
 
 def available() -> Optional[str]:
     """None when this torch can record inside compiled graphs, else what it lacks."""
-    missing = _torch_internals.in_graph_capture_missing()
-    if missing is None:
-        _register_op()
-    return missing
-
-
-_OP: Optional[Any] = None
-
-
-def _register_op() -> None:
-    global _OP
-    if _OP is not None:
-        return
-
-    @torch.library.custom_op("visualizer::record", mutates_args=())
-    def record(weights: torch.Tensor, path: str, sink: int) -> None:
-        receiver = _SINKS.get(sink)
-        if receiver is not None:
-            receiver(path, weights)
-
-    @record.register_fake
-    def _(weights: torch.Tensor, path: str, sink: int) -> None:
-        return None
-
-    _torch_internals.mark_side_effect(torch.ops.visualizer.record.default)
-    _OP = torch.ops.visualizer.record
+    return _graph_sink.available()
 
 
 def new_sink(sink: Sink) -> int:
     """The number a graph carries to hand maps to `sink` (see `send`)."""
-    number = next(_NUMBERS)
-    with _SINKS_LOCK:
-        _SINKS[number] = sink
-    return number
+    return _graph_sink.new_sink(lambda name, values: sink(name, values[0]))
 
 
 def send(weights: torch.Tensor, name: str, sink: int) -> None:
     """In traced code: hand `weights` out of the graph to sink number `sink`, told `name`."""
-    assert _OP is not None, "available() registers the op before a sink is made"
-    _OP(weights, name, sink)
+    _graph_sink.send([weights], name, sink)
 
 
 def shared_mode(
@@ -159,7 +120,7 @@ class GraphMode(TorchFunctionMode):
         # Weak: the registry of shared modes must not keep the model alive.
         self.modules = {path: weakref.ref(paths[path]) for path in selected}
         self.request = WeightsRequest(rows, heads, who)  # no pool: the graph plans its buffers
-        self.sink = next(_NUMBERS)
+        self.sink = _graph_sink.new_number()
         # Paths of the selected modules running, innermost last: read at trace time.
         self.stack: List[str] = []
 
@@ -218,8 +179,7 @@ class GraphMode(TorchFunctionMode):
         return module
 
     def _record(self, path: str, weights: torch.Tensor) -> None:
-        assert _OP is not None, "available() registers the op before a mode is made"
-        _OP(weights, path, self.sink)
+        _graph_sink.send([weights], path, self.sink)
 
     # -- the hooks Dynamo traces ------------------------------------------
 
@@ -249,12 +209,10 @@ class GraphMode(TorchFunctionMode):
     # -- the sink ---------------------------------------------------------
 
     def connect(self, sink: Sink) -> None:
-        with _SINKS_LOCK:
-            _SINKS[self.sink] = sink
+        _graph_sink.connect(self.sink, lambda path, values: sink(path, values[0]))
 
     def disconnect(self) -> None:
-        with _SINKS_LOCK:
-            _SINKS.pop(self.sink, None)
+        _graph_sink.disconnect(self.sink)
         del self.stack[:]
 
 

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "visualizer"
 # Lower numbers are lower layers: capture -> cache -> analysis -> plot.
 LAYERS = {
     "_errors": 0, "_compat": 0, "_warnings": 0, "_torch_internals": 0,
-    "_ranks": 1, "_arrays": 1, "policy": 1, "_pool": 1, "_rewrite": 1, "_environment": 2,
+    "_ranks": 1, "_arrays": 1, "_graph_sink": 1, "policy": 1, "_pool": 1, "_rewrite": 1, "_environment": 2,
     "snapshot": 2, "store": 3, "files": 4, "capture": 4, "_modes": 4,
     "weights": 5, "geometry": 5, "_in_graph": 6, "maps": 6, "fused": 7, "attention": 7, "distributed": 8,
     "analysis": 8, "plot": 9, "explorer": 9, "__init__": 10,
