@@ -21,6 +21,7 @@ from torch.testing import assert_close  # noqa: E402
 from examples.toy_vit import VisionTransformer  # noqa: E402
 from tests.test_attention import by_hand as attention_by_hand  # noqa: E402
 from visualizer import _torch_internals, capture_attention, get_local  # noqa: E402
+from visualizer.capture import GetLocal  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not _torch_internals.has(_torch_internals.IN_GRAPH_CAPTURE),
@@ -286,10 +287,161 @@ def test_selected_rows_never_form_the_full_map_in_the_graph():
         assert_close(torch.as_tensor(maps[key][0]), want[:, [1, 3], :1], rtol=0, atol=1e-5)
 
 
-# Said once per process, when Dynamo compiled anything before: tested in test_capture_torch.
-@pytest.mark.filterwarnings(
+# get_local inside compiled code. Its reset notice (the first switch after Dynamo compiled
+# code from a function's original code) is said once per process: tested in
+# test_capture_torch, ignored here so that these tests do not depend on test order.
+_RESET_NOTICE = (
     "ignore:get_local. capture was switched while torch.compile'd code existed:RuntimeWarning"
 )
+
+
+def get_local_maps(model, images, block):
+    """{blocks.i.attn: map} from what get_local captured in one call (2 blocks, in order)."""
+    entries = block["Attention.forward"]
+    return {f"blocks.{i}.attn": torch.as_tensor(entry) for i, entry in enumerate(entries)}
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_get_local_records_from_the_compiled_graph_with_fullgraph(backend):
+    model = toy_vit(fused=False)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = by_hand(model, images)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        with get_local.capture() as captured:
+            output = compiled(images)
+        assert graphs() == 1 and graph_breaks() == 0  # traced with the recorder in it
+        plain = compiled(images)  # capture off: the graph without the recorder
+    assert graphs() == 2
+    maps = get_local_maps(model, images, captured)
+    assert list(maps) == list(expected)
+    for key, want in expected.items():
+        assert_close(maps[key], want, rtol=0, atol=1e-5)
+    if backend == "inductor":  # a graph with one more node: rounding may differ
+        assert_close(output, plain, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(output, plain)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_get_local_adds_no_graph_break():
+    model = toy_vit(fused=False)
+    images = torch.randn(IMAGES_SHAPE)
+    with torch.no_grad():
+        plain = graphs_and_breaks(model, images)
+        with get_local.capture() as captured:
+            recorded = graphs_and_breaks(model, images)
+    assert recorded == plain == (1, 0)
+    assert len(captured["Attention.forward"]) == 2  # explain() ran the graph once
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_get_local_switched_every_few_steps_compiles_once_per_state():
+    model = toy_vit(fused=False)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = by_hand(model, images)
+    compiled = torch.compile(model, backend="eager")
+    recorded_steps = 0
+    with torch.no_grad():
+        plain = compiled(images)
+        for step in range(100):
+            if step == 20:  # both graphs exist from here on: no compilation at all
+                settled = graphs()
+            if step % 10 == 5:  # a capture() block
+                with get_local.capture() as block:
+                    assert torch.equal(compiled(images), plain)
+                assert len(block["Attention.forward"]) == 2
+            elif step % 10 == 0:  # the switch
+                get_local.activate()
+                assert torch.equal(compiled(images), plain)
+                get_local.deactivate()
+                recorded_steps += 1
+            else:
+                assert torch.equal(compiled(images), plain)
+    # The graph compiled from the original code (Dynamo is reset at the first switch,
+    # which puts instrumented code in place), then one graph for "on" and one for "off".
+    assert graphs() == settled == 3
+    entries = get_local.cache["Attention.forward"]
+    assert len(entries) == 2 * recorded_steps
+    for index, entry in enumerate(entries):
+        assert_close(torch.as_tensor(entry), expected[f"blocks.{index % 2}.attn"], rtol=0,
+                     atol=1e-5)
+    get_local.clear()
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_get_local_in_a_compiled_training_step_keeps_the_compiled_outputs_and_gradients(
+    backend,
+):
+    model = toy_vit(fused=False, depth=2).train()
+    images = torch.randn(IMAGES_SHAPE)
+    compiled = torch.compile(model, backend=backend)
+
+    def step():
+        model.zero_grad()
+        output = compiled(images)
+        output.square().mean().backward()
+        return output.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected = by_hand(model, images)
+    plain_output, plain_grads = step()
+    with get_local.capture() as captured:
+        output, grads = step()
+    compiled_again = graphs()
+    with get_local.capture():
+        step()
+    assert graphs() == compiled_again  # the captured graph is reused
+    if backend == "inductor":  # a graph with one more node: rounding may differ
+        assert_close(output, plain_output, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, plain_grads):
+            assert_close(got, want, rtol=1e-4, atol=1e-6)
+    else:
+        assert torch.equal(output, plain_output)
+        assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    maps = get_local_maps(model, images, captured)
+    for key, want in expected.items():
+        assert_close(maps[key], want, rtol=0, atol=1e-5)
+        assert not maps[key].requires_grad
+
+
+class ScaledScores(nn.Module):
+    """Captures a tensor and a Python float: the float is recorded between graphs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.proj(x)
+        scale = 1.0 / x.shape[-1]
+        attn = (q @ x.transpose(-1, -2) * scale).softmax(-1)
+        return attn @ x
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_a_value_that_is_no_tensor_is_recorded_between_graphs():
+    gl = GetLocal()
+    gl("attn", "scale")(ScaledScores.forward)
+    model = ScaledScores()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        want = (model.proj(x) @ x.transpose(-1, -2) / 8).softmax(-1)
+        plain = model(x)
+        compiled = torch.compile(model, backend="aot_eager")
+        with gl.capture() as captured:
+            output = compiled(x)
+            breaks = graph_breaks()
+    assert breaks >= 1  # the float leaves through the recorder run eagerly
+    assert torch.equal(output, plain)
+    (entry,) = captured["ScaledScores.forward"]
+    assert entry["scale"] == 1.0 / 8
+    assert_close(torch.as_tensor(entry["attn"]), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
 def test_get_local_switched_on_makes_compiled_code_run_eagerly_and_says_why():
     model = toy_vit(fused=False)
     images = torch.randn(IMAGES_SHAPE)

@@ -68,6 +68,23 @@ def call(
     return head + list(argument_loads) + tail
 
 
+def load_global(name: str, location: "Optional[InstrLocation]") -> Instr:
+    """Push the global (or builtin) `name`."""
+    # 3.11 gave LOAD_GLOBAL a flag that also pushes NULL: not used (see `call`).
+    return Instr("LOAD_GLOBAL", (False, name) if PY311 else name, location=location)
+
+
+def jump_if_none(target: Label, location: "Optional[InstrLocation]") -> List[Instr]:
+    """Pop the top of the stack and jump forward to `target` if it is None."""
+    if PY312:
+        return [Instr("POP_JUMP_IF_NONE", target, location=location)]
+    if PY311:
+        return [Instr("POP_JUMP_FORWARD_IF_NONE", target, location=location)]
+    none = Instr("LOAD_CONST", None, location=location)  # type: ignore[arg-type]
+    return [none, Instr("IS_OP", 0, location=location),
+            Instr("POP_JUMP_IF_TRUE", target, location=location)]
+
+
 def load_attribute(name: str, location: "Optional[InstrLocation]") -> Instr:
     """Replace the object on top of the stack by its attribute `name`."""
     # 3.12 merged LOAD_METHOD into LOAD_ATTR: its argument says which it is.

@@ -21,6 +21,19 @@ function's last instruction, replaces the error with MISSING and jumps back.
 On 3.11+ the region costs nothing when the name is bound (exception tables are
 zero-cost); on 3.9/3.10 it is a SETUP_FINALLY/POP_BLOCK pair.
 
+Where the recorder is a `Global` (every function but those with `select`),
+the code loads it by name from the function's globals instead of as a
+constant, and skips the call while that global is None:
+
+    LOAD_GLOBAL R; POP_JUMP_IF_NONE done; R(<loads>); done: RETURN_VALUE
+
+torch.compile's Dynamo traces a global (it cannot trace a function held as a
+code constant) and guards its compiled code on the global's value: code
+compiled while R is the recorder records from inside its graph, code compiled
+while R is None runs without capture, and switching R picks one or the other
+with no recompilation (see `capture.py`). Measured cost of the name and the
+test: about 1-2 ns a call on every Python (benchmarks/run_all.py, section a).
+
 With one name and no `select`, the call takes a fast path for values that
 need no copy (int, float, str, ...: see `FastPath`):
 
@@ -29,7 +42,8 @@ need no copy (int, float, str, ...: see `FastPath`):
 where `sink.call` is, most of the time, the C-level `append` of the cache's
 list: no Python frame runs, which halves the cost of capture for such values
 (benchmarks/run_all.py, section a). The store re-points the sink whenever the
-list or the rules change (see `visualizer.cache.FastSink`).
+list or the rules change (see `visualizer.cache.FastSink`). `type`, TYPES and
+the sink are loaded by name too (TYPE_NAME, NEXT_NAME, `FastPath`'s names).
 
 Why not a proof of boundness plus a fallback read of `frame.f_locals` (what
 this module did before): no static proof survives a debugger's edits, and on
@@ -42,13 +56,13 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
-    FrozenSet,
     List,
     NamedTuple,
     Optional,
     Sequence,
     Set,
     Tuple,
+    Union,
 )
 
 from bytecode import Bytecode, CellVar, FreeVar, Instr, Label, TryBegin, TryEnd
@@ -58,7 +72,9 @@ from ._compat import (
     call,
     guarded_load,
     jump_if_false,
+    jump_if_none,
     load_attribute,
+    load_global,
     recorder_call,
 )
 
@@ -71,6 +87,18 @@ def local_names(code: CodeType) -> Set[str]:
     return set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
 
 
+# The names instrumented code loads the builtins `type` and `next` by: a module
+# may bind `type` or `next` to something else. The installer binds them.
+TYPE_NAME = "__visualizer_type__"
+NEXT_NAME = "__visualizer_next__"
+
+
+class Global(NamedTuple):
+    """The recorder as a global of the function: its name (see the module docstring)."""
+
+    name: str
+
+
 class FastPath(NamedTuple):
     """Send values of some types to `sink.call(value)` instead of the recorder.
 
@@ -78,9 +106,11 @@ class FastPath(NamedTuple):
     can be a C function (a list's append), so no Python frame is entered.
     `counted`: call `next(sink.ticks)` before `sink.call` (a bounded cache
     counts its appends; `next` of an iterator is the cheapest C call there is).
+    `types` (a frozenset of types) and `sink` are loaded as constants, or as
+    globals where they are `Global`s (with a `Global` recorder).
     """
 
-    types: FrozenSet[type]
+    types: Any
     sink: Any
     counted: bool
 
@@ -88,7 +118,7 @@ class FastPath(NamedTuple):
 def instrument(
     code: CodeType,
     names: Sequence[str],
-    recorder: Callable[..., object],
+    recorder: Union[Callable[..., object], Global],
     missing: object,
     fast: Optional[FastPath] = None,
 ) -> CodeType:
@@ -97,7 +127,8 @@ def instrument(
     Args:
         code: the function's code object.
         names: local variable names, in the order `recorder` receives them.
-        recorder: called as `recorder(value_0, ..., value_n)`.
+        recorder: called as `recorder(value_0, ..., value_n)`; a `Global`: the
+            function's global of that name, not called while it is None.
         missing: the value passed for a name that is unbound at that return.
         fast: with one name, where values of `fast.types` go instead (see FastPath).
     """
@@ -133,7 +164,9 @@ def instrument(
                     handlers.extend(handler)
                 return pushed
 
-            if fast is None:
+            if isinstance(recorder, Global):
+                rewritten.extend(_global_call(recorder, fast, loads, len(names), location))
+            elif fast is None:
                 rewritten.extend(recorder_call(recorder, loads(), len(names), location))
             else:
                 rewritten.extend(_fast_path_call(fast, recorder, loads, location))
@@ -147,9 +180,30 @@ def instrument(
     return bytecode.to_code()
 
 
+def _global_call(
+    recorder: Global,
+    fast: Optional[FastPath],
+    loads: Callable[[], List[Any]],
+    count: int,
+    location: "Optional[InstrLocation]",
+) -> List[Any]:
+    """`if R is not None:` R(values), or the fast path's sink, for a `Global` recorder R."""
+    def instr(name: str, *arg: Any) -> Instr:
+        return Instr(name, *arg, location=location)
+
+    def the_recorder() -> List[Any]:
+        return [load_global(recorder.name, location)]
+
+    done = Label()
+    off = the_recorder() + jump_if_none(done, location)
+    if fast is None:
+        return off + call(the_recorder(), loads(), count, location) + [instr("POP_TOP"), done]
+    return off + _fast_path_call(fast, recorder, loads, location) + [done]
+
+
 def _fast_path_call(
     fast: FastPath,
-    recorder: Callable[..., object],
+    recorder: Union[Callable[..., object], Global],
     loads: Callable[[], List[Any]],
     location: "Optional[InstrLocation]",
 ) -> List[Any]:
@@ -161,20 +215,30 @@ def _fast_path_call(
     def instr(name: str, *arg: Any) -> Instr:
         return Instr(name, *arg, location=location)
 
+    by_name = isinstance(recorder, Global)
+
+    def push(value: Any, name: str = "") -> Instr:
+        """A constant, or with a Global recorder, a global (`name`, or the value's own)."""
+        if isinstance(value, Global):
+            return load_global(value.name, location)
+        if by_name and name:
+            return load_global(name, location)
+        return instr("LOAD_CONST", value)
+
     def sink(attribute: str) -> List[Any]:
-        return [instr("LOAD_CONST", fast.sink), load_attribute(attribute, location)]
+        return [push(fast.sink), load_attribute(attribute, location)]
 
     slow, done = Label(), Label()
-    test = call([instr("LOAD_CONST", type)], loads(), 1, location) + [
-        instr("LOAD_CONST", fast.types), instr("CONTAINS_OP", 0), jump_if_false(slow, location)]
+    test = call([push(type, TYPE_NAME)], loads(), 1, location) + [
+        push(fast.types), instr("CONTAINS_OP", 0), jump_if_false(slow, location)]
     to_sink = call(sink("call"), loads(), 1, location) + [instr("POP_TOP")]
     if fast.counted:
         # The tick comes first: a `call` that is the recorder counts by itself,
         # and may re-point the sink (the tick read after it would count again).
-        to_sink = call([instr("LOAD_CONST", next)], sink("ticks"), 1, location) + [
+        to_sink = call([push(next, NEXT_NAME)], sink("ticks"), 1, location) + [
             instr("POP_TOP")] + to_sink
-    to_recorder = [instr("JUMP_FORWARD", done), slow] + recorder_call(
-        recorder, loads(), 1, location) + [done]
+    to_recorder = [instr("JUMP_FORWARD", done), slow] + call(
+        [push(recorder)], loads(), 1, location) + [instr("POP_TOP"), done]
     return test + to_sink + to_recorder
 
 

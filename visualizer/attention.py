@@ -398,9 +398,12 @@ class AttentionRecorder:
             return  # Dynamo was never loaded: nothing is compiled
         reason = _in_graph.available()
         if reason is None and self._decorated and get_local.is_active:
+            # get_local itself records inside graphs; what is eager is reading its
+            # entries call by call for a forward that computes no softmax or SDPA.
             reason = (
                 f"module {self._paths_by_id[next(iter(self._decorated))]!r} has a get_local-"
-                "decorated forward, whose recorder cannot run inside a graph"
+                "decorated forward, whose maps capture_attention takes from get_local's "
+                "entries call by call, which it does only in eager calls"
             )
         if reason is not None:
             self._eager = _EAGER_STANCE.hold()

@@ -18,6 +18,7 @@ sees the switch, and a deactivated function runs its own code at no cost.
 """
 import contextlib
 import copyreg
+import itertools
 import multiprocessing
 import os
 import sys
@@ -41,7 +42,7 @@ from ._arrays import is_torch_tensor
 from ._errors import VisualizerError
 from ._pool import BufferPool
 from ._ranks import Ranks, captures_here, validate_ranks
-from ._rewrite import FastPath, instrument, local_names
+from ._rewrite import NEXT_NAME, TYPE_NAME, FastPath, Global, instrument, local_names
 from ._warnings import WarnOnce, raise_pending
 from .policy import MISSING, NOT_CAPTURED, StoragePolicy
 from .snapshot import IMMUTABLE_TYPES, own_storage, snapshot
@@ -73,8 +74,8 @@ class _Registration:
     """
 
     __slots__ = (
-        "key", "names", "select", "module", "original_code", "installed_code", "counted",
-        "marked_for_dynamo",
+        "key", "names", "select", "module", "original_code", "installed_code", "template",
+        "counted", "marked_for_dynamo",
     )
 
     def __init__(
@@ -90,6 +91,8 @@ class _Registration:
         self.module = target.__module__
         self.original_code = target.__code__
         self.installed_code: Optional[types.CodeType] = None  # while it is installed
+        # The _Template of the installed code (None for code with `select`, or none installed).
+        self.template: Optional[_Template] = None
         self.counted = False  # whether the installed code counts appends (see _install)
         # Whether activation put Dynamo's skip marker on the function (a marker
         # the user put there is theirs, and stays).
@@ -113,6 +116,41 @@ class _Registration:
         return current
 
 
+# The global that holds the frozenset of types instrumented code sends to its fast sink.
+_IMMUTABLE_NAME = "__visualizer_immutable__"
+_GLOBAL_NUMBERS = itertools.count(1)
+
+
+class _Template:
+    """Instrumented code that loads its recorder from the function's globals, and those globals.
+
+    The code of a function without `select` loads its recorder, and the fast
+    path its sink, by names unique to this template (`_rewrite.Global`), so
+    that torch.compile can trace it. `bind` puts the names in a function's
+    globals, with the recorder, or None for "off": a function whose code stays
+    installed while capture is off (see GetLocal._settle) skips the call, and
+    code Dynamo compiled is guarded on the recorder's global, so each switch
+    finds the compiled code made for it.
+    """
+
+    __slots__ = ("code", "recorder_name", "bindings", "link")
+
+    def __init__(self, code: types.CodeType, recorder_name: str,
+                 bindings: Dict[str, Any], link: "_GraphLink") -> None:
+        self.code = code
+        self.recorder_name = recorder_name
+        self.bindings = bindings
+        self.link = link
+
+    def bind(self, namespace: Dict[str, Any], on: bool) -> None:
+        """Put the template's globals in `namespace`; the recorder only if `on`, else None.
+        Never removed: a call running this code must always find its names."""
+        if on:
+            namespace.update(self.bindings)
+        else:
+            namespace[self.recorder_name] = None
+
+
 class _InstrumentedCode:
     """Instrumented code per original code, kept no longer than the original lives.
 
@@ -122,17 +160,17 @@ class _InstrumentedCode:
     and capture (key, names, fast path), and kept by the original code,
     weakly: it goes when the outer function, the factory's class or the
     reloaded module's previous generation goes. Without `select` the code is
-    reused as it is (one code object for every generation, so compiled
-    callers stay valid). With `select` the recorder holds the callables,
-    which may close over a call's values: what is kept is a template whose
-    recorder is a placeholder, and each installation puts its own recorder
-    in (a `replace` of the constants, ~µs), so the callables live exactly as
-    long as a function runs the code.
+    a `_Template`, reused as it is, with one recorder (one code object for
+    every generation, so compiled callers stay valid). With `select` the
+    recorder holds the callables, which may close over a call's values: what
+    is kept is code whose recorder, a constant, is a placeholder, and each
+    installation puts its own recorder in (a `replace` of the constants, ~µs),
+    so the callables live exactly as long as a function runs the code.
     """
 
     def __init__(self) -> None:
-        # original code -> (key, names, counted, fast) -> template
-        self._templates: "weakref.WeakKeyDictionary[types.CodeType, Dict[Any, types.CodeType]]" = (
+        # original code -> (key, names, counted, select) -> _Template, or code with a placeholder
+        self._templates: "weakref.WeakKeyDictionary[types.CodeType, Dict[Any, Any]]" = (
             weakref.WeakKeyDictionary()
         )
 
@@ -140,31 +178,72 @@ class _InstrumentedCode:
         self,
         original: types.CodeType,
         registration: _Registration,
-        recorder: Callable[..., None],
-        fast_path: Optional[FastPath],
-    ) -> types.CodeType:
-        """`original` instrumented to call `recorder` with the registration's names."""
-        counted = fast_path is not None and fast_path.counted
-        token = (registration.key, registration.names, counted, bool(registration.select))
-        templates = self._templates.get(original)
-        template = None if templates is None else templates.get(token)
-        if template is None:
-            # A recorder without select holds nothing of the user's: kept in the code itself.
-            slot = _RECORDER_SLOT if registration.select else recorder
-            template = instrument(original, registration.names, slot, MISSING, fast_path)
-            self._templates.setdefault(original, {})[token] = template
-        if not registration.select:
-            return template
-        return template.replace(
-            co_consts=tuple(
-                recorder if constant is _RECORDER_SLOT else constant
-                for constant in template.co_consts
-            )
-        )
+        make_recorder: "Callable[[], Tuple[Callable[..., None], _GraphLink]]",
+        fast_sink: Optional[Callable[[Callable[..., None]], FastSink]],
+        counted: bool,
+        in_graph: bool,
+    ) -> "Tuple[types.CodeType, Optional[_Template]]":
+        """`original` instrumented to call a recorder with the registration's names,
+        and its _Template (None where the recorder is a constant of the code).
+
+        `fast_sink(recorder)`: the sink of code with a fast path (one that counts
+        its appends if `counted`), or None. `in_graph`: code torch.compile can
+        trace (see `_Template`); else the recorder and the fast path's objects
+        are constants of the code, which costs ~10-20 ns less per call
+        (benchmarks/run_all.py, section a) and is what the core without torch runs.
+        """
+        token = (registration.key, registration.names, counted, bool(registration.select),
+                 in_graph)
+        templates = self._templates.setdefault(original, {})
+        made = templates.get(token)
+        if registration.select:
+            # A recorder with select holds the user's callables: a constant of its own code.
+            if made is None:
+                made = templates[token] = instrument(
+                    original, registration.names, _RECORDER_SLOT, MISSING)
+            recorder, _ = make_recorder()
+            return made.replace(
+                co_consts=tuple(
+                    recorder if constant is _RECORDER_SLOT else constant
+                    for constant in made.co_consts
+                )
+            ), None
+        if made is None:
+            recorder, link = make_recorder()
+            if in_graph:
+                made = _make_template(original, registration, recorder, link, fast_sink)
+            else:
+                fast = None
+                if fast_sink is not None:
+                    fast = FastPath(IMMUTABLE_TYPES, fast_sink(recorder), counted)
+                made = instrument(original, registration.names, recorder, MISSING, fast)
+            templates[token] = made
+        if isinstance(made, _Template):
+            return made.code, made
+        return made, None
 
 
+def _make_template(
+    original: types.CodeType,
+    registration: _Registration,
+    recorder: Callable[..., None],
+    link: "_GraphLink",
+    fast_sink: Optional[Callable[[Callable[..., None]], FastSink]],
+) -> _Template:
+    number = next(_GLOBAL_NUMBERS)
+    recorder_name = f"__visualizer_recorder_{number}__"
+    bindings: Dict[str, Any] = {recorder_name: recorder}
+    fast = None
+    if fast_sink is not None:
+        sink = fast_sink(recorder)
+        fast = FastPath(Global(_IMMUTABLE_NAME), Global(f"__visualizer_sink_{number}__"),
+                        sink.counted)
+        bindings.update({fast.sink.name: sink, fast.types.name: IMMUTABLE_TYPES,
+                         TYPE_NAME: type, NEXT_NAME: next})
+    code = instrument(original, registration.names, Global(recorder_name), MISSING, fast)
+    return _Template(code, recorder_name, bindings, link)
 def _RECORDER_SLOT(*values: Any) -> None:
-    """Where a template's code loads its recorder (see _InstrumentedCode); never run:
+    """Where code with `select` loads its recorder (see _InstrumentedCode); never run:
     every installation replaces it with its own recorder."""
     raise VisualizerError("get_local: instrumented code ran without its recorder")
 
@@ -282,7 +361,21 @@ class GetLocal:
             block.switched = True  # its exit restores the switch it found
 
     def _settle(self):
-        """Install or restore every function's code as the switch and the open blocks say."""
+        """Install or restore every function's code as the switch and the open blocks say.
+
+        torch.compile: Dynamo does not guard the code it compiled on the
+        `__code__` of the functions it inlined, only on the globals that code
+        reads. Code instrumented for in-graph capture reads its recorder's
+        global, and while Dynamo has compiled anything it stays installed when
+        capture goes off, with that global None (one load and a test per
+        return): compiled code made with capture on and with capture off are
+        then told apart by their guards, both stay in Dynamo's cache, and
+        switching back and forth costs no recompilation. What a swap of
+        `__code__` hides from compiled code (original code instrumented, or a
+        function marked to run eagerly given its code back) is made visible by
+        resetting Dynamo (`_forget_compiled_code`).
+        """
+        hidden_swap = False
         with self._lock:
             on = self._switch or self._blocks > 0
             changed, self._active = on != self._active, on
@@ -292,19 +385,15 @@ class GetLocal:
                     self._store.pool.hold()  # copies into the pool follow until capture is off
                     self._store.cache_switched_on()
                 for target, registration in registrations:
-                    self._install(target, registration)
+                    hidden_swap |= self._install(target, registration)
                 self._store.repoint()  # torch may have been loaded since
             else:
                 for target, registration in registrations:
-                    registration.original_code = registration.current_code(target)
-                    target.__code__ = registration.original_code
-                    registration.installed_code = None
-                    if registration.marked_for_dynamo:
-                        target.__dict__.pop(_torch_internals.DYNAMO_DISABLE_ATTRIBUTE, None)
-                        registration.marked_for_dynamo = False
+                    marked = registration.marked_for_dynamo
+                    hidden_swap |= self._uninstall(target, registration) and marked
                 if changed:
                     self._store.pool.let_go()  # no copies follow
-        if changed:
+        if changed and hidden_swap:
             self._forget_compiled_code()
 
     def _forget_compiled_code(self):
@@ -452,35 +541,87 @@ class GetLocal:
     # -- instrumentation --------------------------------------------------
 
     def _install(self, target, registration):
+        """Install `registration`'s instrumented code in `target`, with its recorder bound.
+
+        Returns whether `target` ran its original code before (a swap that code
+        torch.compile'd earlier cannot see: see `_settle`)."""
         self._store.cache.setdefault(registration.key, [])
         registration.original_code = registration.current_code(target)
         # One name and no select: immutable values take the fast path, which
         # counts appends (a bounded cache's `dropped`) if instrumented under a bound.
         fast = len(registration.names) == 1 and not registration.select
         counted = fast and self._store.process_scope.bound is not None
-        if target.__code__ is not registration.installed_code or registration.counted != counted:
+        swapped = target.__code__ is not registration.installed_code
+        in_graph = not registration.select and _records_in_graphs()
+        if swapped or registration.counted != counted or in_graph != (
+                registration.template is not None):
             # Not installed yet (an installed one stays: the same code object, so
             # compiled callers stay valid).
-            recorder = self._make_recorder(registration)
-            fast_path = None
+            store = self._store
+            fast_sink = None
             if fast:
-                sink = self._store.fast_sink(registration.key, recorder, counted)
-                fast_path = FastPath(IMMUTABLE_TYPES, sink, counted)
+                def fast_sink(recorder):
+                    return store.fast_sink(registration.key, recorder, counted)
             try:
-                code = self._instrumented.code(
-                    registration.original_code, registration, recorder, fast_path
+                code, template = self._instrumented.code(
+                    registration.original_code, registration,
+                    lambda: self._make_recorder(registration), fast_sink, counted, in_graph,
                 )
             except Exception as error:
                 raise VisualizerError(
                     f"get_local: could not instrument {registration.key} to capture "
                     f"{list(registration.names)}: {type(error).__name__}: {error}"
                 ) from error
+            if template is not None:
+                # The names first: code that runs finds them from its first call.
+                template.bind(target.__globals__, True)
+            previous = registration.template
             target.__code__ = registration.installed_code = code
+            registration.template = template
             registration.counted = counted
             self._store.decorated_codes[code] = registration.key
+            if previous is not None and previous is not template:
+                previous.bind(target.__globals__, False)  # compiled code made for it recompiles
+        elif registration.template is not None:
+            registration.template.bind(target.__globals__, True)
         code = target.__code__
-        if _run_eagerly_under_compile(target, code):
+        template = registration.template
+        if template is not None and template.link.connect():
+            # torch.compile traces the code and records from inside its graphs.
+            self._unmark_for_dynamo(target, registration)
+        elif _run_eagerly_under_compile(target, code):
             registration.marked_for_dynamo = True
+        return swapped
+
+    def _uninstall(self, target, registration):
+        """Give `target` its original code back (or, see `_settle`, switch its recorder off).
+
+        Returns whether `target` now runs its original code again."""
+        template = registration.template
+        if (
+            template is not None
+            and template.link.sink
+            and target.__code__ is registration.installed_code
+            and _torch_internals.dynamo_compiled_anything()
+        ):
+            # Compiled code may have traced this code: it stays, its recorder
+            # global None, so the compiled code made for "off" runs (see _settle).
+            template.bind(target.__globals__, False)
+            return False
+        registration.original_code = registration.current_code(target)
+        target.__code__ = registration.original_code
+        registration.installed_code = None
+        if template is not None:
+            template.bind(target.__globals__, False)  # compiled code made for it recompiles
+        registration.template = None
+        self._unmark_for_dynamo(target, registration)
+        return True
+
+    @staticmethod
+    def _unmark_for_dynamo(target, registration):
+        if registration.marked_for_dynamo:
+            target.__dict__.pop(_torch_internals.DYNAMO_DISABLE_ATTRIBUTE, None)
+            registration.marked_for_dynamo = False
 
     def _make_recorder(self, registration):
         store = self._store
@@ -492,6 +633,8 @@ class GetLocal:
         warn_child_process = self._warn_child_process
         warn_transform = self._warn_transform
         warn_not_captured = self._warn_not_captured
+        # Recording from inside torch.compile'd graphs (connected once torch is loaded).
+        link = _GraphLink(key, names)
 
         def keep(name, value):
             """What the cache holds for one captured value."""
@@ -540,6 +683,10 @@ class GetLocal:
         # While sdpa_capture holds the weights of SDPA calls made by this very
         # call (see CaptureStore.hold_for_call), the return settles them: its
         # frame is the caller's (the instrumented code calls the recorder).
+        #
+        # Dynamo inlines the recorder into the graph it traces: the first test
+        # sends the value out of the graph (see _GraphLink) before anything
+        # Dynamo cannot trace (sys._getframe, the copy) is reached.
         if len(names) == 1:
             (only_name,) = names
             needs_keep = bool(select)
@@ -547,6 +694,9 @@ class GetLocal:
             process_scope = store.process_scope  # one object for the store's lifetime
 
             def record(value):
+                if type(value) not in IMMUTABLE_TYPES and link.traced():
+                    link.record_in_graph(value)
+                    return
                 if store.held_calls and store.settle_call(
                     sys._getframe(1), key, value is MISSING
                 ):
@@ -561,9 +711,20 @@ class GetLocal:
                 # No thread-local lookup unless a capture() block is open.
                 (process_scope if not store.open_scopes else store.current()).append(key, value)
 
-            return record
+            def from_graph(values):
+                """A compiled graph's value, handed out as the graph runs."""
+                value = keep(only_name, values[0])
+                if value is not _NOT_RECORDED:
+                    (process_scope if not store.open_scopes else store.current()).append(
+                        key, value)
+
+            link.recorder, link.from_graph = record, from_graph
+            return record, link
 
         def record_several(*values):
+            if link.traced():
+                link.record_in_graph(*values)
+                return
             found = dict(zip(names, values))
             if store.held_calls and store.settle_call(
                 sys._getframe(1), key, all(v is MISSING for v in values)
@@ -576,7 +737,16 @@ class GetLocal:
                 return
             store.append(key, entry)
 
-        return record_several
+        def several_from_graph(values):
+            """A compiled graph's values, handed out as the graph runs."""
+            entry = {}
+            for name, value in zip(names, values):
+                entry[name] = keep(name, value)
+            if not any(value is _NOT_RECORDED for value in entry.values()):
+                store.append(key, entry)
+
+        link.recorder, link.from_graph = record_several, several_from_graph
+        return record_several, link
 
     def _warn_child_process(self, key):
         """Say so when a capture happens where its cache cannot reach the user's process."""
@@ -656,6 +826,82 @@ class GetLocal:
         )
 
 
+class _GraphLink:
+    """How one recorder records from inside torch.compile'd graphs (torch >= 2.11).
+
+    Dynamo inlines the recorder into the graph of the compiled code that calls
+    the decorated function. There `traced()` is True and `record_in_graph`
+    hands the captured tensors, detached, out of the graph through
+    `_graph_sink`'s custom op; as the graph runs, the op hands them to
+    `from_graph`, which stores copies as an eager call's values are stored.
+    No graph break, and `fullgraph=True` compiles. A value that is not a tensor
+    (MISSING, a tuple, ...) is recorded by the recorder run eagerly, between
+    graphs: a graph break, as there was before for every value.
+
+    Connected (`connect`) when its code is installed in the globals form
+    (torch loaded, torch>=2.11, no `select`: see `_InstrumentedCode`); until
+    then `traced()` is False and the recorder only ever runs eagerly.
+    """
+
+    __slots__ = ("key", "names", "sink", "compiling", "exporting", "tensor", "send",
+                 "between_graphs", "recorder", "from_graph", "__weakref__")
+
+    def __init__(self, key: str, names: Tuple[str, ...]) -> None:
+        self.key = key
+        self.names = names
+        self.sink = 0  # the sink's number once connected (numbers start at 1)
+        self.compiling: Optional[Callable[[], bool]] = None
+        self.recorder: Callable[..., None] = _RECORDER_SLOT
+        self.from_graph: Callable[[Any], None] = _RECORDER_SLOT
+
+    def __reduce__(self) -> Any:
+        # A recorder pickled by value (see GetLocal.__reduce__) takes an unconnected
+        # link along: the receiving process's compiled graphs are its own.
+        return (_GraphLink, (self.key, self.names))
+
+    def connect(self) -> bool:
+        """Connect to a sink if torch is loaded and records in graphs; whether connected."""
+        if self.sink:
+            return True
+        torch = sys.modules.get("torch")
+        if torch is None or _torch_internals.in_graph_capture_missing() is not None:
+            return False
+        from . import _graph_sink
+
+        _graph_sink.available()  # registers the op
+        self.tensor = torch.Tensor
+        self.send = _graph_sink.send
+        # The recorder run between graphs: Dynamo breaks the graph at its call.
+        self.between_graphs = torch.compiler.disable(self.recorder)
+        # torch.export traces with is_compiling() True too: its graph is an
+        # artifact to save and load, not to record from; keep() says so.
+        self.exporting = torch.compiler.is_exporting
+        self.compiling = _torch_internals.compiling_check()
+        # Weak: a sink number lives as long as the process; the recorder need not.
+        link = weakref.ref(self)
+
+        def sink(name: str, values: Any) -> None:
+            alive = link()
+            if alive is not None:
+                alive.from_graph(values)
+
+        self.sink = _graph_sink.new_sink(sink)
+        return True
+
+    def traced(self) -> bool:
+        """Whether torch.compile is tracing the recorder, and it can record in the graph."""
+        compiling = self.compiling
+        return compiling is not None and compiling() and not self.exporting()
+
+    def record_in_graph(self, *values: Any) -> None:
+        """Traced by Dynamo: the values leave the graph through the custom op."""
+        for value in values:
+            if not isinstance(value, self.tensor):
+                self.between_graphs(*values)
+                return
+        self.send([value.detach() for value in values], self.key, self.sink)
+
+
 class _Block:
     """One open `capture()` block: the switch it found, whether it counts, whether it switched."""
 
@@ -670,6 +916,11 @@ class _Block:
 def _process_get_local():
     """This process's `get_local` (what a pickled GetLocal or store becomes)."""
     return get_local
+
+
+def _records_in_graphs():
+    """Whether torch is loaded and records inside compiled graphs (torch>=2.11)."""
+    return "torch" in sys.modules and _torch_internals.in_graph_capture_missing() is None
 
 
 def _run_eagerly_under_compile(function, code):

@@ -644,7 +644,11 @@ def test_redecorating_nested_functions_with_new_selects_captures_every_call(gl):
 CLOUDPICKLE_SENDER = """
 import sys
 import cloudpickle
-from visualizer import get_local
+from visualizer import capture, get_local
+
+# The form of instrumented code (tests/core/conftest.py): "globals" pickles the
+# recorder as one of the function's globals.
+capture._records_in_graphs = lambda: sys.argv[3] == "globals"
 
 @get_local("attn")
 def f(x):
@@ -669,15 +673,16 @@ print(f(3), get_local.cache.get("f"))
 """
 
 
+@pytest.mark.parametrize("form", ["constants", "globals"])
 @pytest.mark.parametrize("capture", ["on", "off"])
-def test_cloudpickle_of_a_decorated_main_function(tmp_path, capture):
+def test_cloudpickle_of_a_decorated_main_function(tmp_path, capture, form):
     pytest.importorskip("cloudpickle")  # in the test extras; absent only on bare core venvs
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": repo}
     for name, source in (("sender.py", CLOUDPICKLE_SENDER), ("receiver.py", CLOUDPICKLE_RECEIVER)):
         (tmp_path / name).write_text(source)
     pickled = str(tmp_path / "f.pkl")
-    sent = subprocess.run([sys.executable, str(tmp_path / "sender.py"), pickled, capture],
+    sent = subprocess.run([sys.executable, str(tmp_path / "sender.py"), pickled, capture, form],
                           capture_output=True, text=True, env=env)
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.split() == (["3", "[2]"] if capture == "on" else ["3", "None"])
