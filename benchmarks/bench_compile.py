@@ -25,6 +25,14 @@ same weights uncompiled, plain and with full maps. Ratios are paired per round.
 Compile time: the wall time of the first call after `torch._dynamo.reset()`,
 without capture and with `capture_attention(rows=0)` switched on, inductor's
 caches disabled (cold compiles).
+
+get_local inside compiled code (`get_local_section`, also `--get-local` alone):
+the same ViT-S/14 at 224 px with timm's explicit attention (`attn` a local),
+`Attention.forward` decorated with `get_local('attn')`: compiled, and compiled
+with capture on (the recorder traced into the graph, full maps), against the
+path before torch 2.11 / with `select=` (the decorated function runs eagerly,
+a graph break around each attention: a second model whose forward is decorated
+with `select=`, left switched on), and the eager forward plain and captured.
 """
 
 import argparse
@@ -244,6 +252,89 @@ def compile_section(args, report, clocks):
     report.append("")
 
 
+def get_local_section(args, report, clocks):
+    """get_local on a compiled explicit-attention ViT-S/14 at 224 px: from the graph vs eagerly."""
+    import torch
+
+    from run_all import Slot, cell, log, measure, run_slot
+    from _common import attention_forward, attention_variant, copy_function, paired_ratios
+    from _common import quartiles, use_attention, vit_classes
+    from visualizer.capture import GetLocal
+
+    log("(d) compiled models: get_local from the graph")
+    _, VisionTransformer = vit_classes()
+    in_graph, eager_path = GetLocal(), GetLocal()
+    models = {}
+    for name, decorate in (("graph", in_graph("attn")),
+                           ("eager", eager_path("attn", select=lambda attn: attn))):
+        torch.manual_seed(0)
+        model = VisionTransformer(224, 14).eval()
+        forward = decorate(copy_function(attention_forward, f"{name}.Attention.forward"))
+        use_attention(model, attention_variant(f"{name}.Attention", forward))
+        models[name] = model
+    inputs = torch.randn(1, 3, 224, 224)
+    compiled = {name: torch.compile(model) for name, model in models.items()}
+    eager_path.activate()  # on throughout: switching it would reset Dynamo each time
+    context = {}
+
+    def run(module):
+        def body():
+            with torch.no_grad():
+                return module(inputs)
+        return body
+
+    def begin():
+        context["block"] = in_graph.capture()
+        context["block"].__enter__()
+
+    def end():
+        context.pop("block").__exit__(None, None, None)
+
+    slots = [
+        Slot("compiled", run(compiled["graph"])),
+        Slot("compiled + get_local, from the graph", run(compiled["graph"]), begin, end),
+        Slot("compiled + get_local, eagerly between graphs", run(compiled["eager"]),
+             end=eager_path.clear),
+        Slot("eager (not compiled)", run(models["graph"])),
+        Slot("eager + get_local", run(models["graph"]), begin, end),
+    ]
+    log("    warm-up (compiles every variant)")
+    # Twice: the first switch of `in_graph` resets Dynamo (its code was compiled
+    # from the function's original code), which drops what was compiled before it.
+    for slot in slots + slots:
+        run_slot(slot, clocks)
+    label = "ViT-S/14, 224 px, explicit attention, get_local('attn')"
+    times = measure(slots, args.rounds, clocks, label)
+    eager_path.deactivate()
+    main = args.clock
+    compiled_plain = times["compiled"][main]
+    eager_plain = times["eager (not compiled)"][main]
+    report.append(f"### {label}\n")
+    report.append(f"| variant | {main} ms | ÷ compiled | ÷ eager |")
+    report.append("|---|---:|---:|---:|")
+    for slot in slots:
+        values = times[slot.name][main]
+        report.append(
+            f"| {slot.name} | {cell(values, 1)} | "
+            f"{cell(paired_ratios(values, compiled_plain), 3)} | "
+            f"{cell(paired_ratios(values, eager_plain), 3)} |"
+        )
+
+    def median_ratio(name, baseline):
+        return quartiles(paired_ratios(times[name][main], baseline))[1]
+
+    report.append(
+        "\nSummary: compiled + get_local from the graph "
+        f"{median_ratio('compiled + get_local, from the graph', compiled_plain):.2f}× the "
+        "compiled forward; eagerly between graphs "
+        f"{median_ratio('compiled + get_local, eagerly between graphs', compiled_plain):.2f}×; "
+        f"eager + get_local {median_ratio('eager + get_local', eager_plain):.2f}× the eager "
+        "forward.\n"
+    )
+    del compiled
+    torch._dynamo.reset()
+
+
 def main():
     import torch
 
@@ -255,6 +346,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    parser.add_argument("--get-local", action="store_true",
+                        help="only get_local inside compiled code")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 2
@@ -262,7 +355,9 @@ def main():
     report = ["# Compiled-model capture (`python benchmarks/bench_compile.py`)\n"]
     report.extend(machine_lines(torch))
     report.append("")
-    compile_section(args, report, CLOCKS)
+    if not args.get_local:
+        compile_section(args, report, CLOCKS)
+    get_local_section(args, report, CLOCKS)
     print("\n".join(report))
 
 

@@ -922,9 +922,10 @@ def main():
             elif section == "forwards":
                 forwards_section(args, report, clocks)
             elif section == "compile":
-                from bench_compile import compile_section
+                from bench_compile import compile_section, get_local_section
 
                 compile_section(args, report, clocks)
+                get_local_section(args, report, clocks)
             else:
                 fused_section(args, report, clocks)
     digest = source_digest()

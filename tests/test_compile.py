@@ -441,6 +441,78 @@ def test_a_value_that_is_no_tensor_is_recorded_between_graphs():
     assert_close(torch.as_tensor(entry["attn"]), want, rtol=0, atol=1e-6)
 
 
+class ExplicitScores(nn.Module):
+    """Self-attention over sequences of any length with an explicit softmax: `attn` a local."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.proj(x)
+        attn = (q @ x.transpose(-1, -2) / 8**0.5).softmax(-1)
+        return attn @ x
+
+
+def explicit_scores_by_hand(model, x):
+    return (model.proj(x) @ x.transpose(-1, -2) / 8**0.5).softmax(-1)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_get_local_under_dynamic_shapes_compiles_no_graph_per_length():
+    gl = GetLocal()
+    gl("attn")(ExplicitScores.forward)
+    model = ExplicitScores()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    lengths = [5, 7, 9, 6]
+    sequences = [torch.randn(2, n, 8) for n in lengths]
+    with torch.no_grad():
+        with gl.capture() as captured:
+            for x in sequences:
+                compiled(x)
+        expected = [explicit_scores_by_hand(model, x) for x in sequences]
+    assert graphs() == 1  # one dynamic graph, the recorder in it: none per length
+    entries = captured["ExplicitScores.forward"]
+    assert [tuple(entry.shape) for entry in entries] == [(2, n, n) for n in lengths]
+    for got, want in zip(entries, expected):
+        assert_close(torch.as_tensor(got), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_get_local_blocks_in_two_threads_each_get_their_own_calls_from_the_graph():
+    import threading
+
+    gl = GetLocal()
+    gl("attn")(ExplicitScores.forward)
+    model = ExplicitScores()
+    compiled = torch.compile(model, backend="aot_eager")
+    inputs = {name: torch.randn(2, 4, 8) for name in ("main", "worker")}
+    with torch.no_grad(), gl.capture():
+        compiled(inputs["main"])  # compiled once, before the threads
+    captured = {}
+    ready = threading.Barrier(2)
+
+    def run(name):
+        with torch.no_grad(), gl.capture() as block:
+            ready.wait()  # both blocks open at once
+            for _ in range(3):
+                compiled(inputs[name])
+            ready.wait()
+        captured[name] = block["ExplicitScores.forward"]
+
+    worker = threading.Thread(target=run, args=("worker",))
+    worker.start()
+    run("main")
+    worker.join()
+    with torch.no_grad():
+        for name, x in inputs.items():
+            want = explicit_scores_by_hand(model, x)
+            assert len(captured[name]) == 3
+            for got in captured[name]:
+                assert_close(torch.as_tensor(got), want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.filterwarnings(_RESET_NOTICE)
 def test_get_local_switched_on_makes_compiled_code_run_eagerly_and_says_why():
     model = toy_vit(fused=False)

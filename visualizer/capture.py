@@ -169,7 +169,8 @@ class _InstrumentedCode:
     """
 
     def __init__(self) -> None:
-        # original code -> (key, names, counted, select) -> _Template, or code with a placeholder
+        # original code -> (key, names, counted, select, in_graph) -> _Template, or code
+        # (with a placeholder recorder where there is select)
         self._templates: "weakref.WeakKeyDictionary[types.CodeType, Dict[Any, Any]]" = (
             weakref.WeakKeyDictionary()
         )
@@ -242,6 +243,8 @@ def _make_template(
                          TYPE_NAME: type, NEXT_NAME: next})
     code = instrument(original, registration.names, Global(recorder_name), MISSING, fast)
     return _Template(code, recorder_name, bindings, link)
+
+
 def _RECORDER_SLOT(*values: Any) -> None:
     """Where code with `select` loads its recorder (see _InstrumentedCode); never run:
     every installation replaces it with its own recorder."""
@@ -633,7 +636,8 @@ class GetLocal:
         warn_child_process = self._warn_child_process
         warn_transform = self._warn_transform
         warn_not_captured = self._warn_not_captured
-        # Recording from inside torch.compile'd graphs (connected once torch is loaded).
+        # Recording from inside torch.compile'd graphs (connected where the code is
+        # installed in the globals form: see _GraphLink).
         link = _GraphLink(key, names)
 
         def keep(name, value):
