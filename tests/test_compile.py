@@ -336,6 +336,7 @@ def test_get_local_adds_no_graph_break():
     assert len(captured["Attention.forward"]) == 2  # explain() ran the graph once
 
 
+@pytest.mark.usefixtures("capture_left_off")  # it reads the process-wide cache
 @pytest.mark.filterwarnings(_RESET_NOTICE)
 def test_get_local_switched_every_few_steps_compiles_once_per_state():
     model = toy_vit(fused=False)
@@ -367,7 +368,6 @@ def test_get_local_switched_every_few_steps_compiles_once_per_state():
     for index, entry in enumerate(entries):
         assert_close(torch.as_tensor(entry), expected[f"blocks.{index % 2}.attn"], rtol=0,
                      atol=1e-5)
-    get_local.clear()
 
 
 @pytest.mark.filterwarnings(_RESET_NOTICE)
@@ -439,6 +439,28 @@ def test_a_value_that_is_no_tensor_is_recorded_between_graphs():
     (entry,) = captured["ScaledScores.forward"]
     assert entry["scale"] == 1.0 / 8
     assert_close(torch.as_tensor(entry["attn"]), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_record_from_the_graph_on_the_cpu(mode):
+    # On the CPU, reduce-overhead has no CUDA graphs to make, and max-autotune tunes the
+    # CPU kernels (GEMM templates): both record as the default mode does.
+    model = toy_vit(fused=False)
+    images = torch.randn(IMAGES_SHAPE)
+    expected = by_hand(model, images)
+    compiled = torch.compile(model, mode=mode)
+    with torch.no_grad():
+        plain = compiled(images)
+        with get_local.capture() as captured:
+            from_get_local = compiled(images)
+        with capture_attention(compiled) as maps:
+            from_capture_attention = compiled(images)
+    assert_close(from_get_local, plain, rtol=1e-5, atol=1e-6)
+    assert_close(from_capture_attention, plain, rtol=1e-5, atol=1e-6)
+    for key, want in expected.items():
+        assert_close(get_local_maps(model, images, captured)[key], want, rtol=0, atol=1e-5)
+        assert_close(torch.as_tensor(maps[key][0]), want, rtol=0, atol=1e-5)
 
 
 class ExplicitScores(nn.Module):
