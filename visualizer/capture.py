@@ -88,7 +88,9 @@ class _Registration:
         self.key = key
         self.names = names
         self.select = select
-        self.module = target.__module__
+        # None for a function exec'd in a namespace without __name__ (generated code).
+        module = target.__module__
+        self.module = module if isinstance(module, str) else ""
         self.original_code = target.__code__
         self.installed_code: Optional[types.CodeType] = None  # while it is installed
         # The _Template of the installed code (None for code with `select`, or none installed).

@@ -69,3 +69,16 @@ def test_an_empty_list_after_other_functions_ran_still_says_why(gl):
 
     with pytest.warns(RuntimeWarning, match="nothing was captured for .*never_called"):
         assert gl.cache[never_called.__qualname__] == []
+
+
+def test_a_function_made_without_a_module_name_says_why_its_list_is_empty(gl):
+    # exec() in a namespace without __name__ (generated code): its __module__ is None.
+    namespace = {}
+    exec("def generated(x):\n    attn = x\n    return attn\n", namespace)
+    generated = gl("attn")(namespace["generated"])
+    assert generated.__module__ is None
+    gl.activate()
+    with pytest.warns(RuntimeWarning, match="nothing was captured for generated"):
+        assert gl.cache["generated"] == []  # an AttributeError before
+    assert generated(3) == 3
+    assert gl.cache["generated"] == [3]
