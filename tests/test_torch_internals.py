@@ -457,6 +457,32 @@ def test_compiling_check_is_true_only_while_dynamo_traces(dynamo):
                 f"traced, eager: {seen}, expected {expected}")
 
 
+def test_exporting_check_is_true_only_while_torch_export_traces(dynamo):
+    if not _torch_internals.has(_torch_internals.IN_GRAPH_CAPTURE):
+        pytest.skip(f"read only where get_local records in graphs (torch>=2.11); this is "
+                    f"torch {torch.__version__}")
+    used_by = ("capture.py (_GraphLink.traced): get_local records in torch.compile's graphs, "
+               "never in torch.export's")
+    check = _torch_internals.exporting_check()
+    seen = {}
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.setdefault(self.context, []).append(check())
+            return x + 1
+
+    probe = Probe()
+    for probe.context, run in (
+        ("compile", lambda: torch.compile(probe, backend="eager")(torch.ones(2))),
+        ("export", lambda: torch.export.export(probe, (torch.ones(2),))),
+        ("eager", lambda: probe(torch.ones(2))),
+    ):
+        run()
+    if not (seen["export"] and all(seen["export"]) and not any(seen["compile"] + seen["eager"])):
+        changed("torch.compiler._is_exporting_flag", used_by,
+                f"read while tracing: {seen}; expected True under torch.export only")
+
+
 # -- transformers -------------------------------------------------------------
 
 

@@ -202,6 +202,19 @@ def compiling_check() -> Callable[[], bool]:
     return check
 
 
+def exporting_check() -> Callable[[], bool]:
+    """A function that says whether torch.export is tracing its caller: it reads
+    `torch.compiler._is_exporting_flag` (2.11-2.14). Not `torch.compiler.is_exporting()`,
+    which Dynamo 2.11 folds to True inside every torch.compile trace too (2.13 does not).
+    Bound once, outside the traced code."""
+    compiler = sys.modules["torch"].compiler
+
+    def exporting() -> bool:
+        return bool(compiler._is_exporting_flag)
+
+    return exporting
+
+
 def push_mode(mode: "TorchFunctionMode") -> None:
     """Put `mode` on top of this thread's torch function mode stack
     (`torch.overrides._push_mode`, 2.1-2.14)."""

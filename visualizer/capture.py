@@ -877,11 +877,18 @@ class _GraphLink:
         _graph_sink.available()  # registers the op
         self.tensor = torch.Tensor
         self.send = _graph_sink.send
-        # The recorder run between graphs: Dynamo breaks the graph at its call.
-        self.between_graphs = torch.compiler.disable(self.recorder)
+        # The recorder run between graphs: Dynamo breaks the graph at its call, and
+        # under fullgraph=True its error says this reason.
+        names = ", ".join(map(repr, self.names))
+        self.between_graphs = torch.compiler.disable(self.recorder, reason=(
+            f"get_local records {names} of {self.key} from inside compiled graphs only when "
+            "every captured value is a tensor; a call that captures anything else (a Python "
+            "number, a tuple, ...) is recorded eagerly, between graphs. Capture tensors only, "
+            "or compile without fullgraph=True"
+        ))
         # torch.export traces with is_compiling() True too: its graph is an
         # artifact to save and load, not to record from; keep() says so.
-        self.exporting = torch.compiler.is_exporting
+        self.exporting = _torch_internals.exporting_check()
         self.compiling = _torch_internals.compiling_check()
         # Weak: a sink number lives as long as the process; the recorder need not.
         link = weakref.ref(self)
