@@ -135,6 +135,38 @@ def compile_times(model, inputs):
     return times
 
 
+def no_grad_forward(module, inputs):
+    """A slot's timed body: one forward of `module` on `inputs` under torch.no_grad()."""
+    import torch
+
+    def body():
+        with torch.no_grad():
+            return module(inputs)
+
+    return body
+
+
+def ratio_table(report, label, slots, times, main):
+    """Append the table of `slots`' times (clock `main`) and their paired ratios to the
+    slots named "compiled" and "eager (not compiled)"; returns those two baselines."""
+    from run_all import cell
+    from _common import paired_ratios
+
+    compiled_plain = times["compiled"][main]
+    eager_plain = times["eager (not compiled)"][main]
+    report.append(f"### {label}\n")
+    report.append(f"| variant | {main} ms | ÷ compiled | ÷ eager |")
+    report.append("|---|---:|---:|---:|")
+    for slot in slots:
+        values = times[slot.name][main]
+        report.append(
+            f"| {slot.name} | {cell(values, 1)} | "
+            f"{cell(paired_ratios(values, compiled_plain), 3)} | "
+            f"{cell(paired_ratios(values, eager_plain), 3)} |"
+        )
+    return compiled_plain, eager_plain
+
+
 def compile_section(args, report, clocks):
     import torch
 
@@ -160,10 +192,7 @@ def compile_section(args, report, clocks):
         context = {}
 
         def run(module):
-            def body():
-                with torch.no_grad():
-                    return module(inputs)
-            return body
+            return no_grad_forward(module, inputs)
 
         def enter(make):
             def begin():
@@ -208,18 +237,7 @@ def compile_section(args, report, clocks):
             run_slot(slot, clocks)
         times = measure(slots, args.rounds, clocks, label)
         main = args.clock
-        compiled_plain = times["compiled"][main]
-        eager_plain = times["eager (not compiled)"][main]
-        report.append(f"### {label}\n")
-        report.append(f"| variant | {main} ms | ÷ compiled | ÷ eager |")
-        report.append("|---|---:|---:|---:|")
-        for slot in slots:
-            values = times[slot.name][main]
-            report.append(
-                f"| {slot.name} | {cell(values, 1)} | "
-                f"{cell(paired_ratios(values, compiled_plain), 3)} | "
-                f"{cell(paired_ratios(values, eager_plain), 3)} |"
-            )
+        compiled_plain, eager_plain = ratio_table(report, label, slots, times, main)
         report.append("")
         def median_ratio(name, baseline):
             return quartiles(paired_ratios(times[name][main], baseline))[1]
@@ -278,10 +296,7 @@ def get_local_section(args, report, clocks):
     context = {}
 
     def run(module):
-        def body():
-            with torch.no_grad():
-                return module(inputs)
-        return body
+        return no_grad_forward(module, inputs)
 
     def begin():
         context["block"] = in_graph.capture()
@@ -307,18 +322,7 @@ def get_local_section(args, report, clocks):
     times = measure(slots, args.rounds, clocks, label)
     eager_path.deactivate()
     main = args.clock
-    compiled_plain = times["compiled"][main]
-    eager_plain = times["eager (not compiled)"][main]
-    report.append(f"### {label}\n")
-    report.append(f"| variant | {main} ms | ÷ compiled | ÷ eager |")
-    report.append("|---|---:|---:|---:|")
-    for slot in slots:
-        values = times[slot.name][main]
-        report.append(
-            f"| {slot.name} | {cell(values, 1)} | "
-            f"{cell(paired_ratios(values, compiled_plain), 3)} | "
-            f"{cell(paired_ratios(values, eager_plain), 3)} |"
-        )
+    compiled_plain, eager_plain = ratio_table(report, label, slots, times, main)
 
     def median_ratio(name, baseline):
         return quartiles(paired_ratios(times[name][main], baseline))[1]

@@ -9,6 +9,8 @@ outputs. The backends are Dynamo's `eager` and `aot_eager` (cheap) and inductor
 on the CPU (slow to compile on a small machine: a few tests only).
 """
 
+import types
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -202,11 +204,8 @@ def test_recording_started_and_stopped_every_few_steps_compiles_once():
     assert [len(entries) for entries in recorder.maps.values()] == [recorded_steps] * 2
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_a_captured_training_step_gives_the_compiled_outputs_and_gradients(backend):
-    model = toy_vit(fused=False, depth=1).train()
-    images = torch.randn(IMAGES_SHAPE)
-    compiled = torch.compile(model, backend=backend)
+def training_step(model, compiled, images):
+    """One step of `compiled`: (output, the gradients of `model`'s parameters)."""
 
     def step():
         model.zero_grad()
@@ -214,6 +213,14 @@ def test_a_captured_training_step_gives_the_compiled_outputs_and_gradients(backe
         output.square().mean().backward()
         return output.detach(), [p.grad.clone() for p in model.parameters()]
 
+    return step
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_captured_training_step_gives_the_compiled_outputs_and_gradients(backend):
+    model = toy_vit(fused=False, depth=1).train()
+    images = torch.randn(IMAGES_SHAPE)
+    step = training_step(model, torch.compile(model, backend=backend), images)
     expected = by_hand(model, images)
     plain_output, plain_grads = step()
     with capture_attention(compiled, rows=0) as maps:
@@ -377,14 +384,7 @@ def test_get_local_in_a_compiled_training_step_keeps_the_compiled_outputs_and_gr
 ):
     model = toy_vit(fused=False, depth=2).train()
     images = torch.randn(IMAGES_SHAPE)
-    compiled = torch.compile(model, backend=backend)
-
-    def step():
-        model.zero_grad()
-        output = compiled(images)
-        output.square().mean().backward()
-        return output.detach(), [p.grad.clone() for p in model.parameters()]
-
+    step = training_step(model, torch.compile(model, backend=backend), images)
     expected = by_hand(model, images)
     plain_output, plain_grads = step()
     with get_local.capture() as captured:
@@ -406,8 +406,9 @@ def test_get_local_in_a_compiled_training_step_keeps_the_compiled_outputs_and_gr
         assert not maps[key].requires_grad
 
 
-class ScaledScores(nn.Module):
-    """Captures a tensor and a Python float: the float is recorded between graphs."""
+class ExplicitScores(nn.Module):
+    """Self-attention over sequences of any length with an explicit softmax: `attn` a local,
+    and `scale` a Python float."""
 
     def __init__(self):
         super().__init__()
@@ -416,9 +417,22 @@ class ScaledScores(nn.Module):
 
     def forward(self, x):
         q = self.proj(x)
-        scale = 1.0 / x.shape[-1]
+        scale = x.shape[-1] ** -0.5
         attn = (q @ x.transpose(-1, -2) * scale).softmax(-1)
         return attn @ x
+
+
+class ScaledScores(ExplicitScores):
+    """The same forward as a function object of its own, for get_local('attn', 'scale')."""
+
+    forward = types.FunctionType(
+        ExplicitScores.forward.__code__, ExplicitScores.forward.__globals__, "forward"
+    )
+    forward.__qualname__ = "ScaledScores.forward"
+
+
+def explicit_scores_by_hand(model, x):
+    return (model.proj(x) @ x.transpose(-1, -2) / 8**0.5).softmax(-1)
 
 
 @pytest.mark.filterwarnings(_RESET_NOTICE)
@@ -428,7 +442,7 @@ def test_a_value_that_is_no_tensor_is_recorded_between_graphs():
     model = ScaledScores()
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
-        want = (model.proj(x) @ x.transpose(-1, -2) / 8).softmax(-1)
+        want = explicit_scores_by_hand(model, x)
         plain = model(x)
         compiled = torch.compile(model, backend="aot_eager")
         with gl.capture() as captured:
@@ -437,7 +451,7 @@ def test_a_value_that_is_no_tensor_is_recorded_between_graphs():
     assert breaks >= 1  # the float leaves through the recorder run eagerly
     assert torch.equal(output, plain)
     (entry,) = captured["ScaledScores.forward"]
-    assert entry["scale"] == 1.0 / 8
+    assert entry["scale"] == 8**-0.5
     assert_close(torch.as_tensor(entry["attn"]), want, rtol=0, atol=1e-6)
     # fullgraph=True cannot break the graph: Dynamo's error carries the reason.
     torch._dynamo.reset()  # the forward's code has its graphs with the break cached
@@ -470,24 +484,6 @@ def test_compile_modes_record_from_the_graph_on_the_cpu(mode):
     for key, want in expected.items():
         assert_close(get_local_maps(model, images, captured)[key], want, rtol=0, atol=1e-5)
         assert_close(torch.as_tensor(maps[key][0]), want, rtol=0, atol=1e-5)
-
-
-class ExplicitScores(nn.Module):
-    """Self-attention over sequences of any length with an explicit softmax: `attn` a local."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, x):
-        q = self.proj(x)
-        attn = (q @ x.transpose(-1, -2) / 8**0.5).softmax(-1)
-        return attn @ x
-
-
-def explicit_scores_by_hand(model, x):
-    return (model.proj(x) @ x.transpose(-1, -2) / 8**0.5).softmax(-1)
 
 
 @pytest.mark.filterwarnings(_RESET_NOTICE)
