@@ -541,20 +541,94 @@ def test_get_local_blocks_in_two_threads_each_get_their_own_calls_from_the_graph
 
 
 @pytest.mark.filterwarnings(_RESET_NOTICE)
-def test_get_local_switched_on_makes_compiled_code_run_eagerly_and_says_why():
+def test_capture_attention_with_get_local_on_records_from_the_graph():
     model = toy_vit(fused=False)
     images = torch.randn(IMAGES_SHAPE)
     expected = by_hand(model, images)
-    with torch.no_grad(), get_local.capture():
-        compiled = torch.compile(model, backend="eager")
-        compiled(images)
+    with torch.no_grad(), get_local.capture() as captured:
+        compiled = torch.compile(model, backend="aot_eager")
+        plain = compiled(images)
         compiled_before = graphs()
-        with pytest.warns(RuntimeWarning, match=r"runs eagerly while recording: .*get_local"):
-            with capture_attention(compiled) as maps:
-                compiled(images)
-    assert graphs() == compiled_before  # forced eager: nothing compiled for the recording
+        with capture_attention(compiled) as maps:
+            output = compiled(images)
+        assert graphs() == compiled_before + 1  # the recording traced into the graph
+        compiled(images)
+    assert graphs() == compiled_before + 1
+    assert torch.equal(output, plain)
     for key, want in expected.items():
         assert_close(torch.as_tensor(maps[key][0]), want, rtol=0, atol=1e-5)
+    assert len(captured["Attention.forward"]) == 3 * 2  # get_local recorded every call too
+
+
+class NormalisedScores(nn.Module):
+    """Attention weights normalised by hand, with no softmax or SDPA for the watch to see:
+    capture_attention takes the map get_local captures (`attn`, (B, H, Q, K))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qk = nn.Linear(8, 16)
+
+    @get_local("attn")
+    def forward(self, x):
+        q, k = self.qk(x).reshape(x.shape[0], x.shape[1], 2, 2, 4).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)).exp()
+        attn = scores / scores.sum(-1, keepdim=True)
+        return (attn @ q).transpose(1, 2).reshape(x.shape[0], x.shape[1], 8)
+
+
+def normalised_by_hand(model, x):
+    q, k = model.qk(x).reshape(x.shape[0], x.shape[1], 2, 2, 4).permute(2, 0, 3, 1, 4)
+    return (q @ k.transpose(-2, -1)).softmax(-1)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_a_decorated_forward_without_softmax_gives_capture_attention_its_map_in_the_graph():
+    model = nn.Sequential(NormalisedScores(), NormalisedScores()).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = [normalised_by_hand(model[0], x)]
+        expected.append(normalised_by_hand(model[1], model[0](x)))
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with get_local.capture():
+            plain = compiled(x)
+            with capture_attention(compiled, rows=[0, 2]) as maps:
+                output = compiled(x)
+    assert graph_breaks() == 0
+    assert torch.equal(output, plain)
+    assert list(maps) == ["0", "1"]
+    for key, want in zip(maps, expected):
+        assert len(maps[key]) == 1
+        assert_close(torch.as_tensor(maps[key][0]), want[:, :, [0, 2]], rtol=0, atol=1e-6)
+
+
+class SelectedScores(NormalisedScores):
+    """The same forward decorated with select=: its recorder runs eagerly, between graphs."""
+
+    forward = types.FunctionType(
+        NormalisedScores.forward.__code__, NormalisedScores.forward.__globals__, "forward"
+    )
+    forward.__qualname__ = "SelectedScores.forward"
+    get_local("attn", select=lambda attn: attn[:, :, :1])(forward)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_capture_attention_runs_eagerly_where_a_decorated_forward_has_select():
+    model = SelectedScores().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = normalised_by_hand(model, x)[:, :, :1]
+        compiled = torch.compile(model, backend="eager")
+        with get_local.capture():
+            compiled(x)
+            compiled_before = graphs()
+            with pytest.warns(RuntimeWarning, match=(
+                r"runs eagerly while recording: module '' has a get_local-decorated forward "
+                r"whose recorder runs eagerly \(it was decorated with select=\)")):
+                with capture_attention(compiled) as maps:
+                    compiled(x)
+    assert graphs() == compiled_before  # forced eager: nothing compiled for the recording
+    assert_close(torch.as_tensor(maps[""][0]), expected, rtol=0, atol=1e-6)
 
 
 def test_a_recorded_compiled_model_can_be_freed():

@@ -16,6 +16,10 @@ torch 2.13, backends eager, aot_eager and inductor on the CPU):
   selected rows and heads only); for `F.scaled_dot_product_attention` it adds
   the weights' computation beside the kernel, which never forms them, so the
   compiler schedules and fuses that work with the rest of the graph.
+- A selected module whose forward is decorated with get_local and computes
+  no softmax or SDPA: get_local's recorder, traced into the same graph, tells
+  the mode its first captured name (a store listener, `decorated_value`), and
+  that (B, H, Q, K) tensor is the call's map, as in eager mode.
 - Each map leaves the graph through `_graph_sink`'s custom op, whose eager
   implementation hands the tensor to the recorder's sink, which copies it
   into the store: the graph's own buffers are never kept.
@@ -89,12 +93,14 @@ def shared_mode(
     rows: CheckedSelection,
     heads: CheckedSelection,
     who: str,
+    decorated: Dict[str, str],
 ) -> "GraphMode":
-    """The GraphMode of `model` for this selection: made once, then the same object."""
-    key = (tuple(selected), repr(rows), repr(heads))
+    """The GraphMode of `model` for this selection: made once, then the same object.
+    `decorated`: path -> get_local key of the selected modules whose forward is decorated."""
+    key = (tuple(selected), repr(rows), repr(heads), tuple(sorted(decorated.items())))
     modes = _SHARED.setdefault(model, {})
     if key not in modes:
-        modes[key] = GraphMode(paths, selected, rows, heads, who)
+        modes[key] = GraphMode(paths, selected, rows, heads, who, decorated)
     return modes[key]
 
 
@@ -115,14 +121,21 @@ class GraphMode(TorchFunctionMode):
         rows: CheckedSelection,
         heads: CheckedSelection,
         who: str,
+        decorated: Dict[str, str],
     ) -> None:
         super().__init__()
         # Weak: the registry of shared modes must not keep the model alive.
         self.modules = {path: weakref.ref(paths[path]) for path in selected}
         self.request = WeightsRequest(rows, heads, who)  # no pool: the graph plans its buffers
         self.sink = _graph_sink.new_number()
-        # Paths of the selected modules running, innermost last: read at trace time.
+        # Paths of the selected modules running, innermost last, and whether each
+        # call recorded a map yet: read and written at trace time.
         self.stack: List[str] = []
+        self.recorded: List[bool] = []
+        self.decorated = dict(decorated)
+        # One bound method for the mode's lifetime: Dynamo guards traced code on the
+        # store's listeners, and a new bound method at every start would recompile.
+        self.listener = self.decorated_value
 
     def __torch_function__(
         self,
@@ -180,6 +193,27 @@ class GraphMode(TorchFunctionMode):
 
     def _record(self, path: str, weights: torch.Tensor) -> None:
         _graph_sink.send([weights], path, self.sink)
+        if self.recorded:
+            self.recorded[-1] = True
+
+    def decorated_value(self, key: str, values: List[torch.Tensor]) -> None:
+        """Traced: a get_local recorder of `key` recording from the graph (a store listener).
+
+        A decorated forward that computed no softmax or SDPA: its first captured
+        name, when it is a (B, H, Q, K) tensor, is that call's map, as in eager
+        mode (`AttentionRecorder._take_decorated`). It runs at the forward's
+        return, so the innermost running module is the decorated one.
+        """
+        if not self.stack or self.recorded[-1]:
+            return
+        path = self.stack[-1]
+        if self.decorated.get(path) != key or not values or values[0].dim() != 4:
+            return
+        weights = select_weights(
+            values[0], self.request.rows, self.request.heads, where=_where(path),
+            who=self.request.who,
+        )
+        self._record(path, weights)
 
     # -- the hooks Dynamo traces ------------------------------------------
 
@@ -194,17 +228,19 @@ class GraphMode(TorchFunctionMode):
             handles.append(module.register_forward_hook(self._exit_hook))
 
     def _enter_hook(self, path: str) -> Callable[[nn.Module, Any], None]:
-        stack = self.stack
+        stack, recorded = self.stack, self.recorded
 
         def enter(module: nn.Module, args: Any) -> None:
             if _compiling():
                 stack.append(path)
+                recorded.append(False)
 
         return enter
 
     def _exit_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if _compiling() and self.stack:
             self.stack.pop()
+            self.recorded.pop()
 
     # -- the sink ---------------------------------------------------------
 
@@ -214,6 +250,7 @@ class GraphMode(TorchFunctionMode):
     def disconnect(self) -> None:
         _graph_sink.disconnect(self.sink)
         del self.stack[:]
+        del self.recorded[:]
 
 
 def _where(path: str) -> str:

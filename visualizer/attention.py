@@ -353,6 +353,7 @@ class AttentionRecorder:
             _EAGER_STANCE.release()
         if self._graph is not None:
             remove_mode(self._graph)
+            get_local.store.stop_listening(self._graph.listener)
             self._graph.disconnect()
             self._graph = None
         self._decorated = {}
@@ -397,14 +398,25 @@ class AttentionRecorder:
         if optimized is None:
             return  # Dynamo was never loaded: nothing is compiled
         reason = _in_graph.available()
-        if reason is None and self._decorated and get_local.is_active:
-            # get_local itself records inside graphs; what is eager is reading its
-            # entries call by call for a forward that computes no softmax or SDPA.
-            reason = (
-                f"module {self._paths_by_id[next(iter(self._decorated))]!r} has a get_local-"
-                "decorated forward, whose maps capture_attention takes from get_local's "
-                "entries call by call, which it does only in eager calls"
-            )
+        decorated = {
+            path: self._decorated[id(module)]
+            for path, module in self._paths.items()
+            if id(module) in self._decorated
+        }
+        if reason is None and decorated and get_local.is_active:
+            # A decorated forward that computes no softmax or SDPA gives its map
+            # through get_local's recorder, which records in graphs unless it has
+            # `select` (or torch is too old: then `reason` is set already).
+            eager = [
+                path for path in decorated
+                if not get_local.records_in_graphs(type(self._paths[path]).forward)
+            ]
+            if eager:
+                reason = (
+                    f"module {eager[0]!r} has a get_local-decorated forward whose recorder "
+                    "runs eagerly (it was decorated with select=), and capture_attention takes "
+                    "such a forward's map from what get_local records"
+                )
         if reason is not None:
             self._eager = _EAGER_STANCE.hold()
             if isinstance(self.model, optimized):
@@ -419,10 +431,13 @@ class AttentionRecorder:
             if path in self._selected and id(module) not in inside_encoder_layers
         ]
         self._graph = _in_graph.shared_mode(
-            _unwrapped(self.model), self._paths, selected, self._rows, self._heads, _WHO
+            _unwrapped(self.model), self._paths, selected, self._rows, self._heads, _WHO,
+            {path: key for path, key in decorated.items() if path in selected},
         )
         self._graphs_record = True
         self._graph.connect(self._from_graph)
+        if self._graph.decorated:
+            get_local.store.listen_in_graphs(self._graph.listener)
         self._graph.put_hooks(self._handles)
         push_mode(self._graph)
 

@@ -478,12 +478,23 @@ class GetLocal:
                 self._settle()
         raise_pending()
 
+    def records_in_graphs(self, function: Any) -> bool:
+        """Whether decorated `function` (as `key_of` takes it) is switched on and records
+        from inside torch.compile'd graphs (torch>=2.11, no `select`)."""
+        registration = self._registration_of(function)
+        template = None if registration is None else registration.template
+        return self._active and template is not None and bool(template.link.sink)
+
     def key_of(self, function: Any) -> Optional[str]:
         """The cache key of a decorated function, or None if it is not decorated.
 
         `function` may be the decorated object itself, a bound method, a
         static/class method or a `functools.wraps` wrapper of it.
         """
+        registration = self._registration_of(function)
+        return None if registration is None else registration.key
+
+    def _registration_of(self, function: Any) -> Optional[_Registration]:
         candidate = function
         for _ in range(_MAX_WRAPPED_DEPTH):
             if isinstance(candidate, (staticmethod, classmethod, types.MethodType)):
@@ -494,7 +505,7 @@ class GetLocal:
                 else None
             )
             if registration is not None:
-                return registration.key
+                return registration
             candidate = getattr(candidate, "__wrapped__", None)
             if candidate is None:
                 return None
@@ -640,7 +651,7 @@ class GetLocal:
         warn_not_captured = self._warn_not_captured
         # Recording from inside torch.compile'd graphs (connected where the code is
         # installed in the globals form: see _GraphLink).
-        link = _GraphLink(key, names)
+        link = _GraphLink(key, names, store)
 
         def keep(name, value):
             """What the cache holds for one captured value."""
@@ -849,12 +860,13 @@ class _GraphLink:
     then `traced()` is False and the recorder only ever runs eagerly.
     """
 
-    __slots__ = ("key", "names", "sink", "compiling", "exporting", "tensor", "send",
+    __slots__ = ("key", "names", "store", "sink", "compiling", "exporting", "tensor", "send",
                  "between_graphs", "recorder", "from_graph", "__weakref__")
 
-    def __init__(self, key: str, names: Tuple[str, ...]) -> None:
+    def __init__(self, key: str, names: Tuple[str, ...], store: CaptureStore) -> None:
         self.key = key
         self.names = names
+        self.store = store
         self.sink = 0  # the sink's number once connected (numbers start at 1)
         self.compiling: Optional[Callable[[], bool]] = None
         self.recorder: Callable[..., None] = _RECORDER_SLOT
@@ -863,7 +875,7 @@ class _GraphLink:
     def __reduce__(self) -> Any:
         # A recorder pickled by value (see GetLocal.__reduce__) takes an unconnected
         # link along: the receiving process's compiled graphs are its own.
-        return (_GraphLink, (self.key, self.names))
+        return (_GraphLink, (self.key, self.names, self.store))
 
     def connect(self) -> bool:
         """Connect to a sink if torch is loaded and records in graphs; whether connected."""
@@ -912,7 +924,10 @@ class _GraphLink:
             if not isinstance(value, self.tensor):
                 self.between_graphs(*values)
                 return
-        self.send([value.detach() for value in values], self.key, self.sink)
+        tensors = [value.detach() for value in values]
+        self.send(tensors, self.key, self.sink)
+        for listener in self.store.graph_listeners:
+            listener(self.key, tensors)
 
 
 class _Block:
