@@ -220,7 +220,8 @@ def training_step(model, compiled, images):
 def test_a_captured_training_step_gives_the_compiled_outputs_and_gradients(backend):
     model = toy_vit(fused=False, depth=1).train()
     images = torch.randn(IMAGES_SHAPE)
-    step = training_step(model, torch.compile(model, backend=backend), images)
+    compiled = torch.compile(model, backend=backend)
+    step = training_step(model, compiled, images)
     expected = by_hand(model, images)
     plain_output, plain_grads = step()
     with capture_attention(compiled, rows=0) as maps:
@@ -384,7 +385,8 @@ def test_get_local_in_a_compiled_training_step_keeps_the_compiled_outputs_and_gr
 ):
     model = toy_vit(fused=False, depth=2).train()
     images = torch.randn(IMAGES_SHAPE)
-    step = training_step(model, torch.compile(model, backend=backend), images)
+    compiled = torch.compile(model, backend=backend)
+    step = training_step(model, compiled, images)
     expected = by_hand(model, images)
     plain_output, plain_grads = step()
     with get_local.capture() as captured:

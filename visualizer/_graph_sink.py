@@ -13,7 +13,7 @@ nothing.
 """
 import itertools
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,11 @@ Sink = Callable[[str, List[torch.Tensor]], None]
 
 _SINKS: Dict[int, Sink] = {}
 _SINKS_LOCK = threading.Lock()
+# Told (key, tensors) while torch.compile traces a get_local recorder that records in
+# the graph: capture_attention's graph mode takes a decorated forward's map from there
+# (_in_graph.GraphMode.decorated_value). A module global, replaced on change: Dynamo
+# guards the traced code on it, and on nothing that changes more often.
+_LISTENERS: Tuple[Callable[[str, List[torch.Tensor]], None], ...] = ()
 _NUMBERS = itertools.count(1)
 _OP: Optional[Any] = None
 
@@ -83,3 +88,21 @@ def send(values: List[torch.Tensor], name: str, sink: int) -> None:
     """In traced code: hand `values` out of the graph to sink number `sink`, told `name`."""
     assert _OP is not None, "available() registers the op before a sink is made"
     _OP(values, name, sink)
+
+
+def listen(listener: Callable[[str, List[torch.Tensor]], None]) -> None:
+    """Tell `listener` what every get_local recorder traced into a graph sends (see above)."""
+    global _LISTENERS
+    with _SINKS_LOCK:
+        _LISTENERS = _LISTENERS + (listener,)
+
+
+def stop_listening(listener: Callable[[str, List[torch.Tensor]], None]) -> None:
+    global _LISTENERS
+    with _SINKS_LOCK:
+        _LISTENERS = tuple(other for other in _LISTENERS if other is not listener)
+
+
+def listeners() -> Tuple[Callable[[str, List[torch.Tensor]], None], ...]:
+    """In traced code: the listeners now."""
+    return _LISTENERS

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import _in_graph, _torch_internals
+from . import _graph_sink, _in_graph, _torch_internals
 from ._errors import VisualizerError
 from ._modes import WatchMode, remove_mode
 from ._ranks import Ranks, captures_here, validate_ranks
@@ -353,7 +353,7 @@ class AttentionRecorder:
             _EAGER_STANCE.release()
         if self._graph is not None:
             remove_mode(self._graph)
-            get_local.store.stop_listening(self._graph.listener)
+            _graph_sink.stop_listening(self._graph.listener)
             self._graph.disconnect()
             self._graph = None
         self._decorated = {}
@@ -437,7 +437,7 @@ class AttentionRecorder:
         self._graphs_record = True
         self._graph.connect(self._from_graph)
         if self._graph.decorated:
-            get_local.store.listen_in_graphs(self._graph.listener)
+            _graph_sink.listen(self._graph.listener)
         self._graph.put_hooks(self._handles)
         push_mode(self._graph)
 

@@ -375,10 +375,14 @@ class GetLocal:
         capture goes off, with that global None (one load and a test per
         return): compiled code made with capture on and with capture off are
         then told apart by their guards, both stay in Dynamo's cache, and
-        switching back and forth costs no recompilation. What a swap of
-        `__code__` hides from compiled code (original code instrumented, or a
-        function marked to run eagerly given its code back) is made visible by
-        resetting Dynamo (`_forget_compiled_code`).
+        switching back and forth costs no recompilation. Code whose recorder
+        is a constant (with `select`, or torch<2.11) cannot be traced: the
+        function is marked for Dynamo to run it eagerly, between graphs, and
+        while Dynamo has compiled anything the mark stays when capture goes
+        off, so that no compiled code inlines its original code either. What
+        a swap of `__code__` still hides from compiled code (original code,
+        inlined unmarked, instrumented) is made visible by resetting Dynamo
+        (`_forget_compiled_code`): once per function at most.
         """
         hidden_swap = False
         with self._lock:
@@ -394,8 +398,7 @@ class GetLocal:
                 self._store.repoint()  # torch may have been loaded since
             else:
                 for target, registration in registrations:
-                    marked = registration.marked_for_dynamo
-                    hidden_swap |= self._uninstall(target, registration) and marked
+                    self._uninstall(target, registration)
                 if changed:
                     self._store.pool.let_go()  # no copies follow
         if changed and hidden_swap:
@@ -407,10 +410,10 @@ class GetLocal:
         Dynamo inlines a decorated function into the compiled graph of its
         caller and keeps running that graph after `__code__` is swapped, so a
         model compiled while capture was off would capture nothing after
-        activate() (and one compiled while on would go on graph-breaking after
-        deactivate()). Resetting Dynamo makes the next call recompile with the
+        activate(). Resetting Dynamo makes the next call recompile with the
         code now in place: captures then equal eager mode's. Only when Dynamo
-        has compiled something; it costs one recompilation, said once.
+        has compiled something, and at most once per function (see `_settle`);
+        it costs one recompilation, said once.
         """
         if not _torch_internals.dynamo_compiled_anything():
             return
@@ -559,14 +562,19 @@ class GetLocal:
     def _install(self, target, registration):
         """Install `registration`'s instrumented code in `target`, with its recorder bound.
 
-        Returns whether `target` ran its original code before (a swap that code
-        torch.compile'd earlier cannot see: see `_settle`)."""
+        Returns whether `target` ran its original code before, unmarked for
+        Dynamo (a swap that code torch.compile'd earlier cannot see: see `_settle`)."""
         self._store.cache.setdefault(registration.key, [])
         registration.original_code = registration.current_code(target)
         # One name and no select: immutable values take the fast path, which
         # counts appends (a bounded cache's `dropped`) if instrumented under a bound.
         fast = len(registration.names) == 1 and not registration.select
         counted = fast and self._store.process_scope.bound is not None
+        # Original code compiled code may have inlined (see _settle).
+        hidden = (
+            target.__code__ is not registration.installed_code
+            and not registration.marked_for_dynamo
+        )
         swapped = target.__code__ is not registration.installed_code
         in_graph = not registration.select and _records_in_graphs()
         if swapped or registration.counted != counted or in_graph != (
@@ -607,12 +615,10 @@ class GetLocal:
             self._unmark_for_dynamo(target, registration)
         elif _run_eagerly_under_compile(target, code):
             registration.marked_for_dynamo = True
-        return swapped
+        return hidden
 
     def _uninstall(self, target, registration):
-        """Give `target` its original code back (or, see `_settle`, switch its recorder off).
-
-        Returns whether `target` now runs its original code again."""
+        """Give `target` its original code back (or, see `_settle`, switch its recorder off)."""
         template = registration.template
         if (
             template is not None
@@ -623,14 +629,17 @@ class GetLocal:
             # Compiled code may have traced this code: it stays, its recorder
             # global None, so the compiled code made for "off" runs (see _settle).
             template.bind(target.__globals__, False)
-            return False
+            return
         registration.original_code = registration.current_code(target)
         target.__code__ = registration.original_code
         registration.installed_code = None
         if template is not None:
             template.bind(target.__globals__, False)  # compiled code made for it recompiles
         registration.template = None
-        self._unmark_for_dynamo(target, registration)
+        if not _torch_internals.dynamo_compiled_anything():
+            # Else the mark stays: compiled code must not inline the original code,
+            # which the next switch would hide from it (see _settle).
+            self._unmark_for_dynamo(target, registration)
         return True
 
     @staticmethod
@@ -651,7 +660,7 @@ class GetLocal:
         warn_not_captured = self._warn_not_captured
         # Recording from inside torch.compile'd graphs (connected where the code is
         # installed in the globals form: see _GraphLink).
-        link = _GraphLink(key, names, store)
+        link = _GraphLink(key, names)
 
         def keep(name, value):
             """What the cache holds for one captured value."""
@@ -860,13 +869,12 @@ class _GraphLink:
     then `traced()` is False and the recorder only ever runs eagerly.
     """
 
-    __slots__ = ("key", "names", "store", "sink", "compiling", "exporting", "tensor", "send",
-                 "between_graphs", "recorder", "from_graph", "__weakref__")
+    __slots__ = ("key", "names", "sink", "compiling", "exporting", "tensor", "send",
+                 "listeners", "between_graphs", "recorder", "from_graph", "__weakref__")
 
-    def __init__(self, key: str, names: Tuple[str, ...], store: CaptureStore) -> None:
+    def __init__(self, key: str, names: Tuple[str, ...]) -> None:
         self.key = key
         self.names = names
-        self.store = store
         self.sink = 0  # the sink's number once connected (numbers start at 1)
         self.compiling: Optional[Callable[[], bool]] = None
         self.recorder: Callable[..., None] = _RECORDER_SLOT
@@ -875,7 +883,7 @@ class _GraphLink:
     def __reduce__(self) -> Any:
         # A recorder pickled by value (see GetLocal.__reduce__) takes an unconnected
         # link along: the receiving process's compiled graphs are its own.
-        return (_GraphLink, (self.key, self.names, self.store))
+        return (_GraphLink, (self.key, self.names))
 
     def connect(self) -> bool:
         """Connect to a sink if torch is loaded and records in graphs; whether connected."""
@@ -889,6 +897,7 @@ class _GraphLink:
         _graph_sink.available()  # registers the op
         self.tensor = torch.Tensor
         self.send = _graph_sink.send
+        self.listeners = _graph_sink.listeners
         # The recorder run between graphs: Dynamo breaks the graph at its call, and
         # under fullgraph=True its error says this reason.
         names = ", ".join(map(repr, self.names))
@@ -926,7 +935,7 @@ class _GraphLink:
                 return
         tensors = [value.detach() for value in values]
         self.send(tensors, self.key, self.sink)
-        for listener in self.store.graph_listeners:
+        for listener in self.listeners():
             listener(self.key, tensors)
 
 

@@ -447,11 +447,6 @@ class CaptureStore:
         # id(frame) -> _HeldCall: fused entries waiting for a decorated call's return
         self._held: Dict[int, _HeldCall] = {}
         self.held_calls = 0  # len(self._held), read without the lock by recorders
-        # Called while torch.compile traces a recorder that records inside the graph,
-        # as listener(key, tensors): capture_attention's graph mode takes a decorated
-        # forward's map from there (see _in_graph.GraphMode.decorated_value). A tuple,
-        # replaced on change: Dynamo guards the traced code on what it holds.
-        self.graph_listeners: Tuple[Callable[[str, List[Any]], None], ...] = ()
         self._lock = threading.Lock()
         # qualified name -> module of the function that took it as its key
         self._key_modules: Dict[str, str] = {}
@@ -592,16 +587,6 @@ class CaptureStore:
         for ident in [ident for ident in self._held if ident not in running]:
             self._held.pop(ident).frame = None
         self.held_calls = len(self._held)
-
-    def listen_in_graphs(self, listener: Callable[[str, List[Any]], None]) -> None:
-        """Call `listener` from every recorder traced into a compiled graph (see above)."""
-        with self._lock:
-            self.graph_listeners = self.graph_listeners + (listener,)
-
-    def stop_listening(self, listener: Callable[[str, List[Any]], None]) -> None:
-        with self._lock:
-            self.graph_listeners = tuple(
-                other for other in self.graph_listeners if other is not listener)
 
     # -- the fast path of instrumented code --------------------------------
 
