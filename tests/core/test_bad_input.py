@@ -292,6 +292,16 @@ def _key_of(function):
     return key
 
 
+@functools.wraps(GetLocal.records_in_graphs)
+def _records_in_graphs(function):
+    get_local = GetLocal()
+    decorated = types.FunctionType(_attend.__code__, _attend.__globals__, "attend")
+    get_local("attn")(decorated)
+    answer = get_local.records_in_graphs(function)
+    assert answer is False  # switched off: nothing records, whatever was asked about
+    return answer
+
+
 STORAGE_OPTIONS = {"keep_on_device": False, "dtype": None, "max_entries": None, "detach": True}
 CAPTURE = [
     Case(
@@ -315,6 +325,7 @@ DECORATOR = [
     Case(_decorate, lambda: {"names": ("attn",), "select": None},
          {"names": _names, "select": _select}),
     Case(_key_of, lambda: {"function": _attend}),
+    Case(_records_in_graphs, lambda: {"function": _attend}),
 ]
 
 
