@@ -9,7 +9,9 @@ graph runs, hands the tensors to the sink whose number the graph carries as a
 constant. Sinks copy what they keep: the graph's buffers are the compiler's.
 
 A graph outliving its recorder finds no sink under its number and records
-nothing.
+nothing. Listeners (`listen`) are told, while Dynamo traces, what get_local's
+recorders send: capture_attention's graph mode takes a decorated forward's map
+from there.
 """
 import itertools
 import threading

@@ -18,7 +18,7 @@ torch 2.13, backends eager, aot_eager and inductor on the CPU):
   compiler schedules and fuses that work with the rest of the graph.
 - A selected module whose forward is decorated with get_local and computes
   no softmax or SDPA: get_local's recorder, traced into the same graph, tells
-  the mode its first captured name (a store listener, `decorated_value`), and
+  the mode its first captured name (a `_graph_sink` listener, `decorated_value`), and
   that (B, H, Q, K) tensor is the call's map, as in eager mode.
 - Each map leaves the graph through `_graph_sink`'s custom op, whose eager
   implementation hands the tensor to the recorder's sink, which copies it
@@ -197,7 +197,7 @@ class GraphMode(TorchFunctionMode):
             self.recorded[-1] = True
 
     def decorated_value(self, key: str, values: List[torch.Tensor]) -> None:
-        """Traced: a get_local recorder of `key` recording from the graph (a store listener).
+        """Traced: a get_local recorder of `key` recording from the graph (a listener).
 
         A decorated forward that computed no softmax or SDPA: its first captured
         name, when it is a (B, H, Q, K) tensor, is that call's map, as in eager
