@@ -48,6 +48,8 @@ def toy_vit(fused, depth=2):
 
 
 IMAGES_SHAPE = (2, 3, 16, 24)  # 24 patches + CLS = 25 tokens
+# CUDA where a GPU is (the same tests; no run here has had one yet): a parameter, not a skip.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def by_hand(model, images):
@@ -78,10 +80,11 @@ def graphs_and_breaks(model, images):
         ("aot_eager", True),
     ],
 )
-def test_compiled_maps_equal_the_weights_computed_by_hand(backend, fused):
-    model = toy_vit(fused)
-    images = torch.randn(IMAGES_SHAPE)
-    expected = by_hand(model, images)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_maps_equal_the_weights_computed_by_hand(backend, fused, device):
+    model = toy_vit(fused).to(device)
+    images = torch.randn(IMAGES_SHAPE, device=device)
+    expected = {key: want.cpu() for key, want in by_hand(model, images).items()}
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         plain = compiled(images)
@@ -310,11 +313,12 @@ def get_local_maps(model, images, block):
 
 
 @pytest.mark.filterwarnings(_RESET_NOTICE)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
-def test_get_local_records_from_the_compiled_graph_with_fullgraph(backend):
-    model = toy_vit(fused=False)
-    images = torch.randn(IMAGES_SHAPE)
-    expected = by_hand(model, images)
+def test_get_local_records_from_the_compiled_graph_with_fullgraph(backend, device):
+    model = toy_vit(fused=False).to(device)
+    images = torch.randn(IMAGES_SHAPE, device=device)
+    expected = {key: want.cpu() for key, want in by_hand(model, images).items()}
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         with get_local.capture() as captured:
