@@ -608,6 +608,37 @@ def test_a_decorated_forward_without_softmax_gives_capture_attention_its_map_in_
         assert_close(torch.as_tensor(maps[key][0]), want[:, :, [0, 2]], rtol=0, atol=1e-6)
 
 
+class InputScores(NormalisedScores):
+    """The same forward, its get_local capturing its input `x`: (B, N, C), no map."""
+
+    forward = types.FunctionType(
+        NormalisedScores.forward.__code__, NormalisedScores.forward.__globals__, "forward"
+    )
+    forward.__qualname__ = "InputScores.forward"
+    get_local("x")(forward)
+
+
+@pytest.mark.filterwarnings(_RESET_NOTICE)
+def test_a_decorated_forward_whose_first_name_is_no_map_says_so_from_the_graph():
+    model = InputScores().eval()
+    x = torch.randn(2, 5, 8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), get_local.capture() as captured:
+        plain = compiled(x)
+        with pytest.warns(RuntimeWarning) as said:
+            with capture_attention(compiled) as maps:
+                output = compiled(x)
+    assert torch.equal(output, plain)
+    assert dict(maps) == {}
+    messages = [str(warning.message) for warning in said]
+    assert any(
+        "InputScores.forward is decorated with get_local, but its first captured name held no "
+        "(B, H, Q, K) attention map in the compiled graph; nothing was recorded for ''"
+        in message for message in messages
+    ), messages
+    assert len(captured["InputScores.forward"]) == 2  # get_local itself recorded both calls
+
+
 class SelectedScores(NormalisedScores):
     """The same forward decorated with select=: its recorder runs eagerly, between graphs."""
 

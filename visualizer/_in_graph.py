@@ -207,7 +207,13 @@ class GraphMode(TorchFunctionMode):
         if not self.stack or self.recorded[-1]:
             return
         path = self.stack[-1]
-        if self.decorated.get(path) != key or not values or values[0].dim() != 4:
+        if self.decorated.get(path) != key:
+            return
+        if not values or values[0].dim() != 4:
+            # Nothing to record: the graph says so as it runs (no warning can be
+            # said while tracing without breaking the graph).
+            _graph_sink.send([], path, self.sink)
+            self.recorded[-1] = True
             return
         weights = select_weights(
             values[0], self.request.rows, self.request.heads, where=_where(path),
@@ -244,8 +250,17 @@ class GraphMode(TorchFunctionMode):
 
     # -- the sink ---------------------------------------------------------
 
-    def connect(self, sink: Sink) -> None:
-        _graph_sink.connect(self.sink, lambda path, values: sink(path, values[0]))
+    def connect(self, sink: Sink, not_a_map: Callable[[str, str], None]) -> None:
+        """Hand the graphs' maps to `sink`; `not_a_map(path, key)` is told of a call of a
+        decorated forward whose first captured name was no (B, H, Q, K) tensor."""
+
+        def receive(path: str, values: List[torch.Tensor]) -> None:
+            if values:
+                sink(path, values[0])
+            else:
+                not_a_map(path, self.decorated[path])
+
+        _graph_sink.connect(self.sink, receive)
 
     def disconnect(self) -> None:
         _graph_sink.disconnect(self.sink)

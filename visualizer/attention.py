@@ -435,11 +435,20 @@ class AttentionRecorder:
             {path: key for path, key in decorated.items() if path in selected},
         )
         self._graphs_record = True
-        self._graph.connect(self._from_graph)
+        self._graph.connect(self._from_graph, self._not_a_map_in_graph)
         if self._graph.decorated:
             _graph_sink.listen(self._graph.listener)
         self._graph.put_hooks(self._handles)
         push_mode(self._graph)
+
+    def _not_a_map_in_graph(self, path: str, key: str) -> None:
+        """A compiled call of a decorated forward whose first captured name was no map."""
+        self._warn_once(
+            ("decorated", key),
+            f"{_WHO}: {key} is decorated with get_local, but its first captured name held no "
+            f"(B, H, Q, K) attention map in the compiled graph; nothing was recorded for "
+            f"{path!r}",
+        )
 
     def _from_graph(self, path: str, weights: torch.Tensor) -> None:
         """A map a compiled graph handed out (see _in_graph): copied, the graph's buffer is not kept."""
