@@ -570,12 +570,9 @@ class GetLocal:
         # counts appends (a bounded cache's `dropped`) if instrumented under a bound.
         fast = len(registration.names) == 1 and not registration.select
         counted = fast and self._store.process_scope.bound is not None
-        # Original code compiled code may have inlined (see _settle).
-        hidden = (
-            target.__code__ is not registration.installed_code
-            and not registration.marked_for_dynamo
-        )
         swapped = target.__code__ is not registration.installed_code
+        # Original code compiled code may have inlined (see _settle).
+        hidden = swapped and not registration.marked_for_dynamo
         in_graph = not registration.select and _records_in_graphs()
         if swapped or registration.counted != counted or in_graph != (
                 registration.template is not None):
@@ -620,11 +617,12 @@ class GetLocal:
     def _uninstall(self, target, registration):
         """Give `target` its original code back (or, see `_settle`, switch its recorder off)."""
         template = registration.template
+        compiled_anything = _torch_internals.dynamo_compiled_anything()
         if (
             template is not None
             and template.link.sink
             and target.__code__ is registration.installed_code
-            and _torch_internals.dynamo_compiled_anything()
+            and compiled_anything
         ):
             # Compiled code may have traced this code: it stays, its recorder
             # global None, so the compiled code made for "off" runs (see _settle).
@@ -636,11 +634,10 @@ class GetLocal:
         if template is not None:
             template.bind(target.__globals__, False)  # compiled code made for it recompiles
         registration.template = None
-        if not _torch_internals.dynamo_compiled_anything():
+        if not compiled_anything:
             # Else the mark stays: compiled code must not inline the original code,
             # which the next switch would hide from it (see _settle).
             self._unmark_for_dynamo(target, registration)
-        return True
 
     @staticmethod
     def _unmark_for_dynamo(target, registration):

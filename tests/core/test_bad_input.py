@@ -282,11 +282,17 @@ def _select(value):
     )
 
 
-@functools.wraps(GetLocal.key_of)
-def _key_of(function):
+def _decorated_attend():
+    """A fresh GetLocal, and a copy of _attend it decorated with get_local('attn')."""
     get_local = GetLocal()
     decorated = types.FunctionType(_attend.__code__, _attend.__globals__, "attend")
     get_local("attn")(decorated)
+    return get_local, decorated
+
+
+@functools.wraps(GetLocal.key_of)
+def _key_of(function):
+    get_local, decorated = _decorated_attend()
     key = get_local.key_of(function)
     assert key is None or key == get_local.key_of(decorated)
     return key
@@ -294,9 +300,7 @@ def _key_of(function):
 
 @functools.wraps(GetLocal.records_in_graphs)
 def _records_in_graphs(function):
-    get_local = GetLocal()
-    decorated = types.FunctionType(_attend.__code__, _attend.__globals__, "attend")
-    get_local("attn")(decorated)
+    get_local, _ = _decorated_attend()
     answer = get_local.records_in_graphs(function)
     assert answer is False  # switched off: nothing records, whatever was asked about
     return answer
