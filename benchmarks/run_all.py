@@ -182,7 +182,7 @@ def recorder_child(settings):
             function, capture = decorated()
         finally:
             capture_module._records_in_graphs = forced
-        capture._registrations[function].template.bind(function.__globals__, False)
+        capture._registrations.get(function).template.bind(function.__globals__, False)
         return function
 
     store = {}

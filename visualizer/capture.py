@@ -30,6 +30,7 @@ from typing import (
     Callable,
     Dict,
     Iterator,
+    List,
     Mapping,
     Optional,
     Tuple,
@@ -63,6 +64,77 @@ _NOT_RECORDED = object()
 # The process whose captures were last checked for being in a child process
 # (a DataLoader worker): checked once per process, on its first tensor capture.
 _checked_process: list = [None]
+
+
+class _Registry:
+    """Decorated function -> _Registration, holding each function weakly.
+
+    Not a `weakref.WeakKeyDictionary`: its iteration guard defers only the
+    removals that begin after an iteration starts, so a function dying in
+    another thread a moment before deletes its entry in the middle of a
+    snapshot ("dictionary changed size during iteration", CPython 3.9-3.13,
+    seen with eight threads decorating and switching). Here the entries change
+    only under the registry's own lock: a dying function's entry is removed
+    at once if that lock is free, else queued (list.append is atomic) and
+    removed as the holder lets go: a walk never sees an entry go, and a dead
+    function's code is kept no longer than the walk that held the lock.
+    """
+
+    __slots__ = ("_entries", "_dead", "_lock", "_died", "__weakref__")
+
+    def __init__(self) -> None:
+        self._entries: "Dict[weakref.ref, _Registration]" = {}
+        self._dead: list = []  # weak references whose functions died
+        # Not reentrant: a function dying during a walk in the walking thread
+        # (a garbage collection there) must queue, not remove.
+        self._lock = threading.Lock()
+        registry = weakref.ref(self)
+
+        def died(reference: weakref.ref) -> None:
+            alive = registry()
+            if alive is not None:
+                alive._dead.append(reference)
+                alive._drop_dead_if_free()
+
+        self._died = died
+
+    def get(self, function: types.FunctionType) -> "Optional[_Registration]":
+        """Lock-free: a lookup never changes the entries."""
+        return self._entries.get(weakref.ref(function))
+
+    def set(self, function: types.FunctionType, registration: "_Registration") -> None:
+        with self._locked():
+            self._entries[weakref.ref(function, self._died)] = registration
+
+    def items(self) -> "List[Tuple[types.FunctionType, _Registration]]":
+        """A snapshot of the living entries."""
+        with self._locked():
+            living = [(ref(), registration) for ref, registration in self._entries.items()]
+        return [(function, r) for function, r in living if function is not None]
+
+    def values(self) -> "List[_Registration]":
+        return [registration for _, registration in self.items()]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            self._drop_dead()
+            yield
+        # A function that died while the lock was held queued its entry.
+        self._drop_dead_if_free()
+
+    def _drop_dead_if_free(self) -> None:
+        # Whoever sees a queued entry and gets the lock removes it; a death
+        # that misses the lock here is seen by the holder when it lets go.
+        while self._dead and self._lock.acquire(blocking=False):
+            try:
+                self._drop_dead()
+            finally:
+                self._lock.release()
+
+    def _drop_dead(self) -> None:
+        while self._dead:
+            self._entries.pop(self._dead.pop(), None)
 
 
 class _Registration:
@@ -275,9 +347,7 @@ class GetLocal:
         self._lock = threading.RLock()
         # target function -> _Registration. Weak, so functions created on
         # every call (nested functions) do not pile up.
-        self._registrations: "weakref.WeakKeyDictionary[types.FunctionType, _Registration]" = (
-            weakref.WeakKeyDictionary()
-        )
+        self._registrations = _Registry()
         self._instrumented = _InstrumentedCode()
         self._warn_once = WarnOnce()
         self._store.on_empty_read = self._warn_not_called
@@ -318,7 +388,7 @@ class GetLocal:
             else:
                 key = self._store.key_for(qualname, target.__module__)
             registration = _Registration(target, key, names, select)
-            self._registrations[target] = registration
+            self._registrations.set(target, registration)
             if self._active:
                 self._install(target, registration)
 
@@ -388,7 +458,7 @@ class GetLocal:
         with self._lock:
             on = self._switch or self._blocks > 0
             changed, self._active = on != self._active, on
-            registrations = list(self._registrations.items())
+            registrations = self._registrations.items()
             if on:
                 if changed:
                     self._store.pool.hold()  # copies into the pool follow until capture is off

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.parametrize("gl", ["globals"], indirect=True)
 
 def _switch_recorder(gl, function, on):
     """What GetLocal does for a function that stays instrumented while capture is off."""
-    registration = gl._registrations[function]
+    registration = gl._registrations.get(function)
     assert registration.template is not None, "installed in the globals form"
     registration.template.bind(function.__globals__, on)
 

@@ -130,3 +130,29 @@ def test_every_public_operation_from_eight_threads_at_once(gl, fast_switching):
     assert sorted(results) == [0, 1, 2, 3]
     assert not gl.is_active, "capture stayed on after every switch and block was off"
     assert shared(1) == 2 and shared.__code__.co_name == "function"
+
+
+def test_a_function_dying_in_another_thread_never_changes_a_registry_walk(gl):
+    """The registry is walked (on every switch) under the lock, while any thread may drop
+    the last reference to a decorated function at any moment. A weakref.WeakKeyDictionary
+    deletes the dead entry from that thread at once, and a walk in progress elsewhere failed
+    with "dictionary changed size during iteration" (CI, Python 3.9, the eight-thread test
+    above; about 1 run in 30). Here a death while a walk holds the registry's lock only
+    queues the entry, and the walk removes it as it lets go."""
+    kept = _new_function(gl, "kept")
+    dying = _new_function(gl, "dying")
+    entries = gl._registrations._entries
+    before = dict(entries)
+    with gl._registrations._locked():  # as a walk holds it
+        dropped = [dying]
+        del dying
+
+        def drop():
+            dropped.clear()  # the last reference: the function dies in this thread
+
+        thread = threading.Thread(target=drop)
+        thread.start()
+        thread.join()
+        assert entries == before, "the dying function's entry changed the registry under the lock"
+    assert len(entries) == 1, "the dead function's entry was kept after the walk let go"
+    assert [function for function, _ in gl._registrations.items()] == [kept]
