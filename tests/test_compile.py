@@ -703,6 +703,34 @@ def test_another_thread_runs_the_uncaptured_graph_while_recording():
     assert [len(entries) for entries in maps.values()] == [1]
 
 
+def test_a_compiled_model_without_attention_says_its_graphs_hold_none():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad(), pytest.warns(RuntimeWarning) as caught:
+        with capture_attention(compiled) as maps:
+            outputs = compiled(torch.randn(2, 8))
+    assert outputs.shape == (2, 8) and dict(maps) == {}
+    messages = [str(w.message) for w in caught]
+    assert any(
+        "no module of the OptimizedModule ran eagerly while recording, and no graph "
+        "torch.compile traced from it with capture on holds attention" in m
+        for m in messages
+    ), messages
+
+
+def test_a_compiled_model_with_attention_not_called_in_the_block_is_told_to_be_called():
+    model = toy_vit(fused=True, depth=1)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        with capture_attention(compiled) as maps:
+            compiled(torch.randn(IMAGES_SHAPE))  # its graph with capture on is traced
+        assert len(maps["blocks.0.attn"]) == 1
+        with pytest.warns(RuntimeWarning, match=r"no module of the OptimizedModule ran while "
+                          r"recording \(call the model inside the block\)"):
+            with capture_attention(compiled):
+                pass
+
+
 # -- sdpa_capture inside compiled code ----------------------------------------------------------
 
 SDPA_KEY = "Attention.forward"  # examples.toy_vit's attention: the function that calls SDPA

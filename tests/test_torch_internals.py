@@ -365,6 +365,20 @@ def test_dynamo_input_codes_and_reset(dynamo):
         changed("torch._dynamo.reset", used_by, "it no longer empties input_codes.seen")
 
 
+def test_dynamo_counts_the_graphs_it_compiles(dynamo):
+    used_by = "attention.py (_warn_if_empty): whether Dynamo compiled graphs while recording"
+    before = _torch_internals.dynamo_graphs_compiled()
+
+    def triple(x):
+        return x * 3
+
+    torch.compile(triple, backend="eager")(torch.ones(2))
+    if _torch_internals.dynamo_graphs_compiled() != before + 1:
+        changed('torch._dynamo.utils.counters["stats"]["unique_graphs"]', used_by,
+                f"one compiled function moved it from {before} to "
+                f"{_torch_internals.dynamo_graphs_compiled()}")
+
+
 def test_optimized_module_wraps_the_original_module():
     used_by = "attention.py (_unwrapped): capture_attention on a compiled model"
     model = nn.Linear(2, 2)

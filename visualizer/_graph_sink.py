@@ -15,7 +15,7 @@ from there.
 """
 import itertools
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -33,6 +33,9 @@ _SINKS_LOCK = threading.Lock()
 _LISTENERS: Tuple[Callable[[str, List[torch.Tensor]], None], ...] = ()
 _NUMBERS = itertools.count(1)
 _OP: Optional[Any] = None
+# Numbers of the sinks some traced graph sends to: added by the op's fake kernel,
+# which runs (real Python, not traced) as Dynamo traces each call of the op.
+_TRACED: Set[int] = set()
 
 
 def available() -> Optional[str]:
@@ -56,7 +59,7 @@ def _register_op() -> None:
 
     @record.register_fake
     def _(values: List[torch.Tensor], name: str, sink: int) -> None:
-        return None
+        _TRACED.add(sink)
 
     _torch_internals.mark_side_effect(torch.ops.visualizer.record.default)
     _OP = torch.ops.visualizer.record
@@ -90,6 +93,11 @@ def send(values: List[torch.Tensor], name: str, sink: int) -> None:
     """In traced code: hand `values` out of the graph to sink number `sink`, told `name`."""
     assert _OP is not None, "available() registers the op before a sink is made"
     _OP(values, name, sink)
+
+
+def traced(number: int) -> bool:
+    """Whether a graph that sends to sink `number` has been traced (whether or not it ran)."""
+    return number in _TRACED
 
 
 def listen(listener: Callable[[str, List[torch.Tensor]], None]) -> None:

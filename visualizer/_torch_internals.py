@@ -158,6 +158,14 @@ def dynamo_compiled_anything() -> bool:
     return convert_frame is not None and bool(convert_frame.input_codes.seen)
 
 
+def dynamo_graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process (0 before Dynamo is loaded;
+    `torch._dynamo.utils.counters["stats"]["unique_graphs"]`, 2.1-2.14; cleared by whoever
+    clears Dynamo's counters)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(utils.counters["stats"]["unique_graphs"])
+
+
 def reset_dynamo() -> None:
     """Drop everything Dynamo compiled (`torch._dynamo.reset`, 2.1-2.14)."""
     sys.modules["torch._dynamo"].reset()

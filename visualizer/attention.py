@@ -99,6 +99,12 @@ Args = Tuple[Any, ...]
 Kwargs = Dict[str, Any]
 
 _WHO = "capture_attention"
+# What "no attention was captured" says was searched for.
+_SEARCHED = (
+    "F.scaled_dot_product_attention calls, softmax over the last axis of a (B, H, Q, K) "
+    "tensor, nn.MultiheadAttention / nn.TransformerEncoderLayer, "
+    "F.multi_head_attention_forward and forwards decorated with get_local"
+)
 
 _SOFTMAX_FUNCTIONS = frozenset(
     {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
@@ -250,7 +256,9 @@ class AttentionRecorder:
         self._eager = False
         # What records inside compiled graphs while recording (see _in_graph)
         self._graph: Optional[_in_graph.GraphMode] = None
-        self._graphs_record = False  # whether compiled graphs recorded since start()
+        # The sink number compiled graphs record to since start() (None: they do not record)
+        self._graph_sink: Optional[int] = None
+        self._graphs_at_start = 0  # Dynamo's count of the graphs it compiled, at start()
         self._warn_once = WarnOnce()
 
     # -- switching --------------------------------------------------------
@@ -286,7 +294,8 @@ class AttentionRecorder:
         self._module_calls = 0
         self._recorded = 0
         self._transformed = False
-        self._graphs_record = False
+        self._graph_sink = None
+        self._graphs_at_start = _torch_internals.dynamo_graphs_compiled()
         self._warn_unseen_modules()
         inside_encoder_layers: Set[int] = set()
         for module in self._paths.values():
@@ -434,7 +443,7 @@ class AttentionRecorder:
             _unwrapped(self.model), self._paths, selected, self._rows, self._heads, _WHO,
             {path: key for path, key in decorated.items() if path in selected},
         )
-        self._graphs_record = True
+        self._graph_sink = self._graph.sink
         self._graph.connect(self._from_graph, self._not_a_map_in_graph)
         if self._graph.decorated:
             _graph_sink.listen(self._graph.listener)
@@ -784,7 +793,21 @@ class AttentionRecorder:
     def _warn_if_empty(self) -> None:
         if self.maps or self._recorded or self._transformed:
             return
-        if self._module_calls == 0 and self._graphs_record:
+        if (
+            self._module_calls == 0
+            and self._graph_sink is not None
+            and not _graph_sink.traced(self._graph_sink)
+            and _torch_internals.dynamo_graphs_compiled() != self._graphs_at_start
+        ):
+            # Compiled code calls no hooks at run time: whether the model ran cannot
+            # be told, but Dynamo compiled graphs while recording, none with attention.
+            message = (
+                f"{_WHO}: nothing was captured: no module of the "
+                f"{type(self.model).__qualname__} ran eagerly while recording, and no graph "
+                "torch.compile traced from it with capture on holds attention. Searched for "
+                f"{_SEARCHED}. If the model was not called inside the block, call it there"
+            )
+        elif self._module_calls == 0 and self._graph_sink is not None:
             message = (
                 f"{_WHO}: nothing was captured: no module of the "
                 f"{type(self.model).__qualname__} ran while recording (call the model inside "
@@ -810,9 +833,7 @@ class AttentionRecorder:
             message = (
                 f"{_WHO}: the {type(self.model).__qualname__} ran ({self._module_calls} module "
                 f"calls) but no attention was captured. Searched {scope} for "
-                "F.scaled_dot_product_attention calls, softmax over the last axis of a "
-                "(B, H, Q, K) tensor, nn.MultiheadAttention / nn.TransformerEncoderLayer, "
-                "F.multi_head_attention_forward and forwards decorated with get_local; none ran"
+                f"{_SEARCHED}; none ran"
                 + (f". Modules whose attention cannot be seen: {unseen[:5]}" if unseen else "")
             )
         warn_user(message)
