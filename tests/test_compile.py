@@ -731,6 +731,57 @@ def test_a_compiled_model_with_attention_not_called_in_the_block_is_told_to_be_c
                 pass
 
 
+def test_recording_a_compiled_model_again_and_again_keeps_nothing_per_recording():
+    """Recorders started and stopped around a compiled model's calls, alternately
+    capture_attention and sdpa_capture: the library's sinks, shared modes and listeners stay
+    as they are, Dynamo compiles nothing more, and the Python memory allocated by the
+    library's code and still held does not grow from one window of recordings to the next
+    (a leak of 20 bytes a recording would show as 4 KB)."""
+    import gc
+    import os
+    import tracemalloc
+
+    import visualizer
+    from visualizer import _graph_sink, _in_graph, sdpa_capture
+
+    model = toy_vit(fused=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    images = torch.randn(IMAGES_SHAPE)
+
+    def recordings(count):
+        with torch.no_grad():
+            for i in range(count):
+                if i % 2:
+                    with capture_attention(compiled) as maps:
+                        compiled(images)
+                    assert [len(maps[f"blocks.{b}.attn"]) for b in (0, 1)] == [1, 1]
+                else:
+                    with sdpa_capture.capture() as cache:
+                        compiled(images)
+                    assert len(cache[SDPA_KEY]) == 2
+                compiled(images)
+        gc.collect()
+
+    def state():
+        return (len(_graph_sink._SINKS), _graph_sink._LISTENERS, len(_in_graph._SHARED[model]),
+                graphs())
+
+    library = [tracemalloc.Filter(True, os.path.join(os.path.dirname(visualizer.__file__), "*"))]
+    recordings(20)  # compiles each state's graph
+    before = state()
+    tracemalloc.start()
+    try:
+        recordings(200)
+        first = tracemalloc.take_snapshot().filter_traces(library)
+        recordings(200)
+        second = tracemalloc.take_snapshot().filter_traces(library)
+    finally:
+        tracemalloc.stop()
+    assert state() == before
+    growth = sum(stat.size_diff for stat in second.compare_to(first, "lineno"))
+    assert growth < 4096, second.compare_to(first, "lineno")[:5]
+
+
 # -- sdpa_capture inside compiled code ----------------------------------------------------------
 
 SDPA_KEY = "Attention.forward"  # examples.toy_vit's attention: the function that calls SDPA
