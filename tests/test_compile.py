@@ -736,7 +736,7 @@ def test_recording_a_compiled_model_again_and_again_keeps_nothing_per_recording(
     capture_attention and sdpa_capture: the library's sinks, shared modes and listeners stay
     as they are, Dynamo compiles nothing more, and the Python memory allocated by the
     library's code and still held does not grow from one window of recordings to the next
-    (a leak of 20 bytes a recording would show as 4 KB)."""
+    (one object kept per 4 recordings would show)."""
     import gc
     import os
     import tracemalloc
@@ -778,8 +778,10 @@ def test_recording_a_compiled_model_again_and_again_keeps_nothing_per_recording(
     finally:
         tracemalloc.stop()
     assert state() == before
-    growth = sum(stat.size_diff for stat in second.compare_to(first, "lineno"))
-    assert growth < 4096, second.compare_to(first, "lineno")[:5]
+    # Blocks, not bytes: a dict of the library's that rehashes in place (its size
+    # changes, its count does not) is no leak; one object kept per recording is.
+    changes = second.compare_to(first, "lineno")
+    assert sum(change.count_diff for change in changes) < 50, changes[:5]
 
 
 # -- sdpa_capture inside compiled code ----------------------------------------------------------
