@@ -257,7 +257,7 @@ class AttentionRecorder:
         # What records inside compiled graphs while recording (see _in_graph)
         self._graph: Optional[_in_graph.GraphMode] = None
         # The sink number compiled graphs record to since start() (None: they do not record)
-        self._graph_sink: Optional[int] = None
+        self._graph_sink_number: Optional[int] = None
         self._graphs_at_start = 0  # Dynamo's count of the graphs it compiled, at start()
         self._warn_once = WarnOnce()
 
@@ -294,7 +294,7 @@ class AttentionRecorder:
         self._module_calls = 0
         self._recorded = 0
         self._transformed = False
-        self._graph_sink = None
+        self._graph_sink_number = None
         self._graphs_at_start = _torch_internals.dynamo_graphs_compiled()
         self._warn_unseen_modules()
         inside_encoder_layers: Set[int] = set()
@@ -443,7 +443,7 @@ class AttentionRecorder:
             _unwrapped(self.model), self._paths, selected, self._rows, self._heads, _WHO,
             {path: key for path, key in decorated.items() if path in selected},
         )
-        self._graph_sink = self._graph.sink
+        self._graph_sink_number = self._graph.sink
         self._graph.connect(self._from_graph, self._not_a_map_in_graph)
         if self._graph.decorated:
             _graph_sink.listen(self._graph.listener)
@@ -793,32 +793,23 @@ class AttentionRecorder:
     def _warn_if_empty(self) -> None:
         if self.maps or self._recorded or self._transformed:
             return
-        if (
-            self._module_calls == 0
-            and self._graph_sink is not None
-            and not _graph_sink.traced(self._graph_sink)
-            and _torch_internals.dynamo_graphs_compiled() != self._graphs_at_start
-        ):
+        model = type(self.model).__qualname__
+        graphs_record = self._graph_sink_number is not None
+        if self._module_calls == 0 and graphs_record and self._graphs_traced_none():
             # Compiled code calls no hooks at run time: whether the model ran cannot
             # be told, but Dynamo compiled graphs while recording, none with attention.
             message = (
-                f"{_WHO}: nothing was captured: no module of the "
-                f"{type(self.model).__qualname__} ran eagerly while recording, and no graph "
-                "torch.compile traced from it with capture on holds attention. Searched for "
-                f"{_SEARCHED}. If the model was not called inside the block, call it there"
-            )
-        elif self._module_calls == 0 and self._graph_sink is not None:
-            message = (
-                f"{_WHO}: nothing was captured: no module of the "
-                f"{type(self.model).__qualname__} ran while recording (call the model inside "
-                "the block); its compiled code records only on the thread that started the "
-                "recorder"
+                f"{_WHO}: nothing was captured: no module of the {model} ran eagerly while "
+                "recording, and no graph torch.compile traced from it with capture on holds "
+                f"attention. Searched for {_SEARCHED}. If the model was not called inside the "
+                "block, call it there"
             )
         elif self._module_calls == 0:
             message = (
-                f"{_WHO}: nothing was captured: no module of the "
-                f"{type(self.model).__qualname__} ran while recording (call the model inside "
-                "the block)"
+                f"{_WHO}: nothing was captured: no module of the {model} ran while recording "
+                "(call the model inside the block)"
+                + ("; its compiled code records only on the thread that started the recorder"
+                   if graphs_record else "")
             )
         else:
             scope = (
@@ -831,12 +822,20 @@ class AttentionRecorder:
                 p for p in self._paths if p in self._selected and _unseen_reason(self._paths[p])
             ]
             message = (
-                f"{_WHO}: the {type(self.model).__qualname__} ran ({self._module_calls} module "
+                f"{_WHO}: the {model} ran ({self._module_calls} module "
                 f"calls) but no attention was captured. Searched {scope} for "
                 f"{_SEARCHED}; none ran"
                 + (f". Modules whose attention cannot be seen: {unseen[:5]}" if unseen else "")
             )
         warn_user(message)
+
+    def _graphs_traced_none(self) -> bool:
+        """Whether Dynamo compiled graphs since start() and no graph traced with this
+        recorder's graph mode sends it anything."""
+        assert self._graph_sink_number is not None
+        return not _graph_sink.traced(self._graph_sink_number) and (
+            _torch_internals.dynamo_graphs_compiled() != self._graphs_at_start
+        )
 
 
 class _Frame:
